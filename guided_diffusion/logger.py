@@ -1,0 +1,307 @@
+"""Key-value and text logging with the guided-diffusion (OpenAI baselines) API.
+
+``configure(dir)`` chooses a log folder (``dir``, else ``$OPENAI_LOGDIR``, else a timestamped
+folder in the temp dir). Rank 0 writes to stdout, ``log.txt`` and ``progress.csv``; other
+ranks write ``log-rankNNN.txt`` only. ``logkv``/``logkv_mean`` collect values that
+``dumpkvs`` averages over ranks and writes as one row.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional
+
+DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
+
+
+class KVWriter:
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SeqWriter:
+    def writeseq(self, seq: List[str]) -> None:
+        raise NotImplementedError
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
+    """A box of key | value rows for key-values, plain lines for text."""
+
+    def __init__(self, filename_or_file):
+        if isinstance(filename_or_file, str):
+            self.file = open(filename_or_file, "a")
+            self.own_file = True
+        else:
+            self.file = filename_or_file
+            self.own_file = False
+
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
+        rows = [(_truncate(k), _truncate(_fmt(v))) for k, v in sorted(kvs.items())]
+        if not rows:
+            return
+        kw = max(len(k) for k, _ in rows)
+        vw = max(len(v) for _, v in rows)
+        dashes = "-" * (kw + vw + 7)
+        lines = [dashes] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in rows] + [dashes]
+        self.file.write("\n".join(lines) + "\n")
+        self.file.flush()
+
+    def writeseq(self, seq: List[str]) -> None:
+        self.file.write(" ".join(str(s) for s in seq) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.own_file:
+            self.file.close()
+
+
+class JSONOutputFormat(KVWriter):
+    def __init__(self, filename: str):
+        self.file = open(filename, "a")
+
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
+        clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in kvs.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class CSVOutputFormat(KVWriter):
+    """A CSV whose header grows when new keys appear (earlier rows are rewritten)."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.keys: List[str] = []
+        if os.path.exists(filename) and os.path.getsize(filename) > 0:
+            with open(filename, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.keys = header
+
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
+        new = sorted(k for k in kvs if k not in self.keys)
+        if new:
+            rows = []
+            if os.path.exists(self.filename):
+                with open(self.filename, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            self.keys += new
+            with open(self.filename, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.keys)
+                w.writeheader()
+                w.writerows(rows)
+        with open(self.filename, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.keys).writerow({k: kvs.get(k, "") for k in self.keys})
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:<8.3g}" if isinstance(v, float) else str(v)
+
+
+def _truncate(s: str) -> str:
+    return s[:27] + "..." if len(s) > 30 else s
+
+
+def make_output_format(format: str, ev_dir: str, log_suffix: str = "") -> KVWriter:
+    os.makedirs(ev_dir, exist_ok=True)
+    if format == "stdout":
+        return HumanOutputFormat(sys.stdout)
+    if format == "log":
+        return HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt"))
+    if format == "json":
+        return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
+    if format == "csv":
+        return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
+    raise ValueError(f"unknown log format {format!r}")
+
+
+class Logger:
+    """Holds the current key-values and writes them to the output formats."""
+
+    def __init__(self, dir: Optional[str], output_formats: List[KVWriter], comm=None):
+        self.name2val: Dict[str, float] = defaultdict(float)
+        self.name2cnt: Dict[str, int] = defaultdict(int)
+        self.level = INFO
+        self.dir = dir
+        self.output_formats = output_formats
+        self.comm = comm
+
+    def logkv(self, key: str, val: Any) -> None:
+        self.name2val[key] = val
+
+    def logkv_mean(self, key: str, val: Any) -> None:
+        oldval, cnt = self.name2val[key], self.name2cnt[key]
+        self.name2val[key] = oldval * cnt / (cnt + 1) + val / (cnt + 1)
+        self.name2cnt[key] = cnt + 1
+
+    def dumpkvs(self) -> Dict[str, Any]:
+        if self.comm is None:
+            d = dict(self.name2val)
+        else:
+            d = _weighted_mean_over_ranks(self.name2val, self.name2cnt)
+        out = d.copy()
+        for fmt in self.output_formats:
+            fmt.writekvs(d)
+        self.name2val.clear()
+        self.name2cnt.clear()
+        return out
+
+    def log(self, *args: Any, level: int = INFO) -> None:
+        if self.level <= level:
+            for fmt in self.output_formats:
+                if isinstance(fmt, SeqWriter):
+                    fmt.writeseq([str(a) for a in args])
+
+    def close(self) -> None:
+        for fmt in self.output_formats:
+            fmt.close()
+
+
+def _weighted_mean_over_ranks(name2val, name2cnt) -> Dict[str, Any]:
+    """Average numeric key-values over ranks, weighted by their counts (every rank calls)."""
+    from . import dist_util
+
+    gathered = dist_util.all_gather_object((dict(name2val), dict(name2cnt)))
+    sums: Dict[str, float] = defaultdict(float)
+    counts: Dict[str, float] = defaultdict(float)
+    other: Dict[str, Any] = {}
+    for vals, cnts in gathered:
+        for k, v in vals.items():
+            try:
+                w = cnts.get(k, 1) or 1
+                sums[k] += float(v) * w
+                counts[k] += w
+            except (TypeError, ValueError):
+                other[k] = v
+    out = {k: sums[k] / counts[k] for k in sums}
+    out.update(other)
+    return out
+
+
+_CURRENT: Optional[Logger] = None
+
+
+def get_current() -> Logger:
+    global _CURRENT
+    if _CURRENT is None:
+        _CURRENT = Logger(None, [HumanOutputFormat(sys.stdout)])
+    return _CURRENT
+
+
+def configure(
+    dir: Optional[str] = None,
+    format_strs: Optional[List[str]] = None,
+    comm: Any = None,
+    log_suffix: str = "",
+) -> None:
+    """Direct logging to ``dir`` (else ``$OPENAI_LOGDIR``, else a timestamped temp folder)."""
+    global _CURRENT
+    from . import dist_util
+
+    if dir is None:
+        dir = os.getenv("OPENAI_LOGDIR")
+    if dir is None:
+        stamp = datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
+        dir = os.path.join(tempfile.gettempdir(), stamp)
+        dir = dist_util.broadcast_object(dir)
+    dir = os.path.expanduser(dir)
+    os.makedirs(dir, exist_ok=True)
+    rank = dist_util.get_rank()
+    if rank > 0:
+        log_suffix = log_suffix + f"-rank{rank:03d}"
+    if format_strs is None:
+        if rank == 0:
+            format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
+        else:
+            format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
+    formats = [make_output_format(f, dir, log_suffix) for f in filter(None, format_strs)]
+    if _CURRENT is not None:
+        _CURRENT.close()
+    if comm is None and dist_util.get_world_size() > 1:
+        comm = True
+    _CURRENT = Logger(dir=dir, output_formats=formats, comm=comm)
+    if formats:
+        log(f"Logging to {dir}")
+
+
+def reset() -> None:
+    global _CURRENT
+    if _CURRENT is not None:
+        _CURRENT.close()
+    _CURRENT = None
+
+
+def logkv(key: str, val: Any) -> None:
+    get_current().logkv(key, val)
+
+
+def logkv_mean(key: str, val: Any) -> None:
+    get_current().logkv_mean(key, val)
+
+
+def logkvs(d: Dict[str, Any]) -> None:
+    for k, v in d.items():
+        logkv(k, v)
+
+
+def dumpkvs() -> Dict[str, Any]:
+    return get_current().dumpkvs()
+
+
+def getkvs() -> Dict[str, Any]:
+    return get_current().name2val
+
+
+def log(*args: Any, level: int = INFO) -> None:
+    get_current().log(*args, level=level)
+
+
+def debug(*args: Any) -> None:
+    log(*args, level=DEBUG)
+
+
+def info(*args: Any) -> None:
+    log(*args, level=INFO)
+
+
+def warn(*args: Any) -> None:
+    log(*args, level=WARN)
+
+
+def error(*args: Any) -> None:
+    log(*args, level=ERROR)
+
+
+def set_level(level: int) -> None:
+    get_current().level = level
+
+
+def get_dir() -> Optional[str]:
+    return get_current().dir
+
+
+record_tabular = logkv
+dump_tabular = dumpkvs
+
+
+@contextmanager
+def profile_kv(scopename: str):
+    """Accumulate the wall time of a block under ``wait_<scopename>``."""
+    logkey = "wait_" + scopename
+    tstart = time.time()
+    try:
+        yield
+    finally:
+        get_current().name2val[logkey] += time.time() - tstart

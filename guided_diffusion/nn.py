@@ -1,0 +1,126 @@
+"""Small building blocks shared by the UNet and the diffusion code."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+
+class SiLU(nn.SiLU):
+    """Kept for import compatibility; identical to ``torch.nn.SiLU``."""
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, cast back afterwards."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return F.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D, 2D or 3D convolution."""
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def linear(*args, **kwargs) -> nn.Linear:
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D, 2D or 3D average pooling."""
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+@torch.no_grad()
+def update_ema(
+    target_params: Iterable[torch.Tensor], source_params: Iterable[torch.Tensor], rate: float = 0.99
+) -> None:
+    """target <- rate * target + (1 - rate) * source, in place."""
+    targ, src = list(target_params), list(source_params)
+    if (
+        hasattr(torch, "_foreach_lerp_")
+        and targ
+        and all(t.dtype == s.dtype for t, s in zip(targ, src))
+    ):
+        torch._foreach_lerp_(targ, src, 1.0 - rate)
+        return
+    for t, s in zip(targ, src):
+        t.mul_(rate).add_(s, alpha=1 - rate)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero the parameters of a module and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Scale the parameters of a module and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+def normalization(channels: int) -> nn.Module:
+    """The UNet's normalisation layer: GroupNorm with 32 groups, computed in float32."""
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal timestep embeddings (Vaswani et al. 2017, as in ADM).
+
+    :param timesteps: (N,) timesteps, may be fractional.
+    :param dim: embedding size.
+    :return: (N, dim) float32 tensor ``[cos(t * f_j), sin(t * f_j)]`` with
+        ``f_j = max_period ** (-j / half)``, zero-padded when ``dim`` is odd.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
+    args = timesteps[:, None].float() * freqs[None]  # (N, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def checkpoint(
+    func: Callable, inputs: Sequence[torch.Tensor], params: Iterable[torch.Tensor], flag: bool
+):
+    """Gradient checkpointing: recompute ``func(*inputs)`` in the backward pass if ``flag``.
+
+    ``params`` is accepted for signature compatibility; torch's checkpoint tracks them itself.
+    """
+    if flag and torch.is_grad_enabled():
+        return _torch_checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)

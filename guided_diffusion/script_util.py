@@ -1,0 +1,556 @@
+"""Model and diffusion factories, and the flag defaults that form the command-line contract.
+
+The defaults dicts here are the single source of truth for the flags of every script:
+names and defaults are those of guided-diffusion, except ``eps_scaler`` (default 1.0, plain
+ADM) and the added ``eps_scaler_k`` and ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000  # default of --num_classes (ImageNet)
+
+# Channel multiplier per resolution when --channel_mult is not given (one table for all).
+CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+SR_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
+
+# Help text of every flag defined in this module (scripts add their own).
+FLAG_HELP: Dict[str, str] = {
+    "image_size": "image height and width in pixels",
+    "num_channels": "base channel count of the UNet",
+    "num_res_blocks": "residual blocks per resolution",
+    "num_heads": "attention heads (ignored when num_head_channels is set)",
+    "num_heads_upsample": "attention heads in the upsampling path (-1: same as num_heads)",
+    "num_head_channels": "channels per attention head (-1: use num_heads)",
+    "attention_resolutions": "comma-separated resolutions with self-attention, e.g. 32,16,8",
+    "channel_mult": "comma-separated channel multipliers per resolution ('' = by image_size)",
+    "dropout": "dropout rate in the residual blocks (training only)",
+    "class_cond": "class-conditional model (labels in 0..num_classes-1)",
+    "num_classes": "number of classes of a class-conditional model",
+    "use_checkpoint": "gradient checkpointing (saves memory when training)",
+    "use_scale_shift_norm": "apply the timestep embedding as scale and shift (FiLM)",
+    "resblock_updown": "resample inside residual blocks (BigGAN style)",
+    "use_fp16": "run the UNet trunk in float16 (GPU only)",
+    "use_new_attention_order": "qkv laid out as (all q, all k, all v) instead of per head",
+    "learn_sigma": "the model outputs the variance too (6 output channels)",
+    "diffusion_steps": "number of diffusion steps the model was trained with",
+    "noise_schedule": "beta schedule",
+    "timestep_respacing": "sampling steps: a count (100), counts per section (10,15,20) or ddimN",
+    "use_kl": "train on the variational bound (rescaled KL)",
+    "predict_xstart": "the model predicts x_0 instead of the noise",
+    "rescale_timesteps": "feed the model timesteps scaled to 0..1000",
+    "rescale_learned_sigmas": "rescaled MSE: VB term weighted by num_timesteps/1000",
+    "eps_scaler": "Epsilon Scaling b: eps is divided by lambda_i = k*i + b when sampling "
+    "(1.0 = plain ADM)",
+    "eps_scaler_k": "Epsilon Scaling k of lambda_i = k*i + b, i = sampling step index, "
+    "0 = last step (0.0 = uniform)",
+    "classifier_use_fp16": "run the classifier trunk in float16 (GPU only)",
+    "classifier_width": "base channel count of the classifier",
+    "classifier_depth": "residual blocks per resolution in the classifier",
+    "classifier_attention_resolutions": "resolutions with self-attention in the classifier",
+    "classifier_use_scale_shift_norm": "scale-shift timestep embedding in the classifier",
+    "classifier_resblock_updown": "resample inside the classifier's residual blocks",
+    "classifier_pool": "classifier head",
+    "classifier_channel_mult": "classifier channel multipliers ('' = by image_size)",
+    "large_size": "output size of the super-resolution model",
+    "small_size": "input (low-resolution) size of the super-resolution model",
+}
+FLAG_CHOICES: Dict[str, Sequence[str]] = {
+    "noise_schedule": ("linear", "cosine"),
+    "classifier_pool": ("adaptive", "attention", "spatial", "spatial_v2"),
+}
+
+
+def diffusion_defaults() -> Dict[str, Any]:
+    """Defaults of the diffusion flags (image and classifier training share them)."""
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+        eps_scaler=1.0,
+        eps_scaler_k=0.0,
+    )
+
+
+def classifier_defaults() -> Dict[str, Any]:
+    """Defaults of the noisy-image classifier flags."""
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",  # 16
+        classifier_use_scale_shift_norm=True,  # False
+        classifier_resblock_updown=True,  # False
+        classifier_pool="attention",
+        classifier_channel_mult="",
+    )
+
+
+def model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults of the image model and diffusion flags."""
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        num_classes=NUM_CLASSES,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_and_diffusion_defaults() -> Dict[str, Any]:
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults of the super-resolution model flags."""
+    res = model_and_diffusion_defaults()
+    res["large_size"] = 256
+    res["small_size"] = 64
+    for k in ("image_size", "channel_mult"):
+        del res[k]
+    return res
+
+
+def resolve_channel_mult(
+    channel_mult: str | Sequence[float], image_size: int, table=CHANNEL_MULT
+) -> Tuple[float, ...]:
+    """The channel multipliers: parsed from ``channel_mult`` or looked up by image size."""
+    if isinstance(channel_mult, str) and channel_mult.strip() == "":
+        if image_size not in table:
+            raise ValueError(
+                f"no default channel_mult for image_size {image_size} (known: "
+                f"{sorted(table)}); pass --channel_mult, e.g. 1,2,2"
+            )
+        return tuple(table[image_size])
+    if isinstance(channel_mult, str):
+        try:
+            return tuple(float(c) if "." in c else int(c) for c in channel_mult.split(","))
+        except ValueError:
+            raise ValueError(
+                f"invalid channel_mult {channel_mult!r}: expected comma-separated numbers"
+            ) from None
+    return tuple(channel_mult)
+
+
+def attention_ds(attention_resolutions: str, image_size: int) -> Tuple[int, ...]:
+    """Downsampling factors with attention, from resolutions like ``"32,16,8"``."""
+    try:
+        resolutions = [int(r) for r in str(attention_resolutions).split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(
+            f"invalid attention_resolutions {attention_resolutions!r}: expected e.g. 32,16,8"
+        ) from None
+    return tuple(image_size // r for r in resolutions)
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+    eps_scaler=1.0,
+    eps_scaler_k=0.0,
+    num_classes=NUM_CLASSES,
+):
+    """Build the UNet and its (respaced) diffusion from the flags."""
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+        eps_scaler=eps_scaler,
+        eps_scaler_k=eps_scaler_k,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
+    attention_impl="sdpa",
+) -> UNetModel:
+    """Build the ADM UNet from the flags."""
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=resolve_channel_mult(channel_mult, image_size),
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        attention_impl=attention_impl,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    eps_scaler=1.0,
+    eps_scaler_k=0.0,
+    classifier_channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    """Build the noisy-image classifier and the diffusion it is trained with."""
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+        classifier_channel_mult=classifier_channel_mult,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+        eps_scaler=eps_scaler,
+        eps_scaler_k=eps_scaler_k,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    classifier_channel_mult="",
+    num_classes=NUM_CLASSES,
+    attention_impl="sdpa",
+) -> EncoderUNetModel:
+    """Build the noisy-image classifier (the encoder half of a UNet) from the flags."""
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_ds(classifier_attention_resolutions, image_size),
+        channel_mult=resolve_channel_mult(classifier_channel_mult, image_size),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+        attention_impl=attention_impl,
+    )
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order=False,
+    eps_scaler=1.0,
+    eps_scaler_k=0.0,
+    num_classes=NUM_CLASSES,
+):
+    """Build the super-resolution UNet (small_size -> large_size) and its diffusion."""
+    model = sr_create_model(
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+        eps_scaler=eps_scaler,
+        eps_scaler_k=eps_scaler_k,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
+    attention_impl="sdpa",
+) -> SuperResModel:
+    """Build the super-resolution UNet from the flags."""
+    del small_size  # the low-resolution input is upsampled to large_size inside the model
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds(attention_resolutions, large_size),
+        dropout=dropout,
+        channel_mult=resolve_channel_mult("", large_size, SR_CHANNEL_MULT),
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        attention_impl=attention_impl,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+    eps_scaler=1.0,
+    eps_scaler_k=0.0,
+) -> SpacedDiffusion:
+    """Build the (respaced) diffusion process from the flags.
+
+    Raises ``ValueError`` for an unknown schedule, a respacing that cannot be honoured, or
+    an Epsilon Scaling schedule with some lambda_i <= 0.
+    """
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if not timestep_respacing:
+        timestep_respacing = [steps]
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+        eps_scaler=eps_scaler,
+        eps_scaler_k=eps_scaler_k,
+    )
+
+
+def add_dict_to_argparser(
+    parser: argparse.ArgumentParser,
+    default_dict: Dict[str, Any],
+    help: Optional[Dict[str, str]] = None,
+) -> None:
+    """Add one ``--key`` flag per entry, typed like its default (bools parse yes/no/true/...)."""
+    help = {**FLAG_HELP, **(help or {})}
+    for k, v in default_dict.items():
+        v_type: Any = type(v)
+        if v is None:
+            v_type = str
+        elif isinstance(v, bool):
+            v_type = str2bool
+        kwargs: Dict[str, Any] = dict(default=v, type=v_type, help=help.get(k, k.replace("_", " ")))
+        if k in FLAG_CHOICES:
+            kwargs["choices"] = FLAG_CHOICES[k]
+        if not isinstance(v, bool) and v is not None:
+            kwargs["help"] += f" (default: {v!r})"
+        elif isinstance(v, bool):
+            kwargs["help"] += f" (default: {v})"
+        parser.add_argument(f"--{k}", **kwargs)
+
+
+def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(v: Any) -> bool:
+    """Parse a boolean flag value (https://stackoverflow.com/questions/15008758)."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
