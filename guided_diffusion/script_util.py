@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
+import torch
+
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
@@ -47,6 +49,7 @@ FLAG_HELP: Dict[str, str] = {
     "use_scale_shift_norm": "apply the timestep embedding as scale and shift (FiLM)",
     "resblock_updown": "resample inside residual blocks (BigGAN style)",
     "use_fp16": "run the UNet trunk in float16 (GPU only)",
+    "use_bf16": "run the UNet trunk in bfloat16 (GPU only; alternative to use_fp16)",
     "use_new_attention_order": "qkv laid out as (all q, all k, all v) instead of per head",
     "learn_sigma": "the model outputs the variance too (6 output channels)",
     "diffusion_steps": "number of diffusion steps the model was trained with",
@@ -126,6 +129,7 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         use_scale_shift_norm=True,
         resblock_updown=False,
         use_fp16=False,
+        use_bf16=False,
         use_new_attention_order=False,
     )
     res.update(diffusion_defaults())
@@ -207,6 +211,7 @@ def create_model_and_diffusion(
     eps_scaler=1.0,
     eps_scaler_k=0.0,
     num_classes=NUM_CLASSES,
+    use_bf16=False,
 ):
     """Build the UNet and its (respaced) diffusion from the flags."""
     model = create_model(
@@ -227,6 +232,7 @@ def create_model_and_diffusion(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
+        use_bf16=use_bf16,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -262,9 +268,12 @@ def create_model(
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
     attention_impl="sdpa",
+    use_bf16=False,
 ) -> UNetModel:
     """Build the ADM UNet from the flags."""
-    return UNetModel(
+    if use_fp16 and use_bf16:
+        raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
+    model = UNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=num_channels,
@@ -284,6 +293,9 @@ def create_model(
         use_new_attention_order=use_new_attention_order,
         attention_impl=attention_impl,
     )
+    if use_bf16:
+        model.convert_to_fp16(torch.bfloat16)
+    return model
 
 
 def create_classifier_and_diffusion(
