@@ -153,14 +153,17 @@ def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
 
 
 def resolve_channel_mult(
-    channel_mult: str | Sequence[float], image_size: int, table=CHANNEL_MULT
+    channel_mult: str | Sequence[float],
+    image_size: int,
+    table=CHANNEL_MULT,
+    flag: str = "channel_mult",
 ) -> Tuple[float, ...]:
     """The channel multipliers: parsed from ``channel_mult`` or looked up by image size."""
     if isinstance(channel_mult, str) and channel_mult.strip() == "":
         if image_size not in table:
             raise ValueError(
-                f"no default channel_mult for image_size {image_size} (known: "
-                f"{sorted(table)}); pass --channel_mult, e.g. 1,2,2"
+                f"no default {flag} for image_size {image_size} (known: "
+                f"{sorted(table)}); pass --{flag}, e.g. 1,2,2"
             )
         return tuple(table[image_size])
     if isinstance(channel_mult, str):
@@ -168,7 +171,7 @@ def resolve_channel_mult(
             return tuple(float(c) if "." in c else int(c) for c in channel_mult.split(","))
         except ValueError:
             raise ValueError(
-                f"invalid channel_mult {channel_mult!r}: expected comma-separated numbers"
+                f"invalid --{flag} {channel_mult!r}: expected comma-separated numbers"
             ) from None
     return tuple(channel_mult)
 
@@ -369,7 +372,9 @@ def create_classifier(
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_ds(classifier_attention_resolutions, image_size),
-        channel_mult=resolve_channel_mult(classifier_channel_mult, image_size),
+        channel_mult=resolve_channel_mult(
+            classifier_channel_mult, image_size, flag="classifier_channel_mult"
+        ),
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
         use_scale_shift_norm=classifier_use_scale_shift_norm,

@@ -1,0 +1,156 @@
+"""Sample with classifier guidance (Dhariwal & Nichol 2021) and Epsilon Scaling.
+
+    mpirun -n N python scripts/classifier_sample.py --model_path MODEL.pt \
+        --classifier_path CLASSIFIER.pt --classifier_scale 0.5 [model and classifier flags]
+
+The classifier gradient shifts the DDPM mean (or, with --use_ddim, the DDIM score); the
+eps scaler is applied exactly once in both cases.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoints import load_checkpoint_into, read_state_dict
+from guided_diffusion.sample_util import (
+    UserError,
+    apply_bundled_model,
+    build_diffusion,
+    check_sampling_args,
+    cli,
+    default_log_dir,
+    explicit_flags,
+    load_unet,
+    resolve_precision,
+    run_sampling,
+    to_uint8_nhwc,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    classifier_defaults,
+    create_classifier,
+    model_and_diffusion_defaults,
+)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+        classifier_path="",
+        classifier_scale=1.0,
+        seed=0,
+        log_dir="",
+        progress=True,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(classifier_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dict_to_argparser(
+        parser,
+        defaults,
+        help=dict(
+            clip_denoised="clip each x_0 prediction to [-1, 1]",
+            num_samples="number of images to generate",
+            batch_size="images per batch on each process",
+            use_ddim="DDIM sampling (guidance on the score) instead of DDPM (guidance on the mean)",
+            model_path="diffusion model checkpoint (.pt state dict)",
+            classifier_path="noisy-image classifier checkpoint (.pt state dict)",
+            classifier_scale="guidance scale s: the gradient of s * log p(y | x_t) is used",
+            seed="base seed; batch j draws all its noise from a generator seeded by (seed, j)",
+            log_dir="output folder (default: $OPENAI_LOGDIR, else a timestamped temp folder)",
+            progress="show a progress bar on rank 0",
+        ),
+    )
+    return parser
+
+
+def load_classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """Build the classifier of the flags and load ``--classifier_path`` into it (strict)."""
+    if not args.classifier_path:
+        raise UserError("--classifier_path is required for classifier guidance")
+    state = read_state_dict(args.classifier_path)
+    flags = args_to_dict(args, classifier_defaults().keys())
+    with torch.device("meta"):
+        classifier = create_classifier(**flags, num_classes=args.num_classes)
+    flags["num_classes"] = args.num_classes
+    state = {k: v.float() for k, v in state.items()}
+    load_checkpoint_into(
+        classifier, state, flags, args.classifier_path, kind="classifier", assign=True
+    )
+    classifier.to(device)
+    if args.classifier_use_fp16:
+        classifier.convert_to_fp16()
+    return classifier.eval()
+
+
+def main() -> None:
+    parser = create_argparser()
+    args = parser.parse_args()
+    dist_util.setup_dist()
+    device = dist_util.dev()
+    if not args.model_path:
+        raise UserError("--model_path is required for classifier guidance")
+    apply_bundled_model(args, explicit_flags(parser), model_and_diffusion_defaults())
+    check_sampling_args(args)
+    resolve_precision(args, device)
+    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
+    logger.configure(
+        dir=args.log_dir, format_strs=["stdout", "log"] if dist_util.is_main() else ["log"]
+    )
+
+    diffusion = build_diffusion(args)
+    logger.log(f"loading {args.model_path} and {args.classifier_path}")
+    classifier = load_classifier(args, device)
+    model = load_unet(args, device)
+    scale = float(args.classifier_scale)
+
+    def cond_fn(x, t, y=None):
+        """grad_x log p(y | x_t) * classifier_scale."""
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[torch.arange(len(log_probs), device=x.device), y.view(-1)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    def model_fn(x, t, y=None):
+        return model(x, t, y if args.class_cond else None)
+
+    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    shape_tail = (3, args.image_size, args.image_size)
+
+    def sample_batch(n: int, generator: torch.Generator):
+        labels = torch.randint(0, args.num_classes, (n,), generator=generator, device=device)
+        sample = loop(
+            model_fn,
+            (n, *shape_tail),
+            clip_denoised=args.clip_denoised,
+            model_kwargs={"y": labels},
+            cond_fn=cond_fn,
+            device=device,
+            generator=generator,
+        )
+        return to_uint8_nhwc(sample).cpu().numpy(), labels.cpu().numpy()
+
+    run_sampling(
+        sample_batch,
+        flags=vars(args),
+        log_dir=args.log_dir,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        seed=args.seed,
+        device=device,
+        progress=args.progress,
+    )
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    cli(main)
