@@ -1,0 +1,18 @@
+"""FFHQ at 256x256 as an ``.npz`` (``arr_0`` uint8 [70000, 256, 256, 3], sorted by file name).
+
+The source is the folder (or a zip/tar) of FFHQ's ``images1024x1024`` PNGs. Each image is
+resized with ``load_data``'s centre crop: on the square 1024 images that is two 2x2
+BOX (area) halvings, 1024 -> 512 -> 256.
+
+    python datasets/ffhq256_npz.py --source images1024x1024/ --out ffhq256.npz
+"""
+
+from _common import images_to_npz_main, run_cli
+
+
+def main() -> None:
+    images_to_npz_main(__doc__, image_size=256, default_out="ffhq256.npz")
+
+
+if __name__ == "__main__":
+    run_cli(main)
