@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_checkpoint_into, read_state_dict
 from guided_diffusion.sample_util import (
+    SAMPLING_HELP,
     UserError,
     apply_bundled_model,
     build_diffusion,
@@ -23,8 +24,10 @@ from guided_diffusion.sample_util import (
     default_log_dir,
     explicit_flags,
     load_unet,
+    optimize_for_sampling,
     resolve_precision,
     run_sampling,
+    sampling_defaults,
     to_uint8_nhwc,
 )
 from guided_diffusion.script_util import (
@@ -37,18 +40,8 @@ from guided_diffusion.script_util import (
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        classifier_path="",
-        classifier_scale=1.0,
-        seed=0,
-        log_dir="",
-        progress=True,
-    )
+    defaults = sampling_defaults()
+    defaults.update(classifier_path="", classifier_scale=1.0)
     defaults.update(model_and_diffusion_defaults())
     defaults.update(classifier_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -56,16 +49,11 @@ def create_argparser() -> argparse.ArgumentParser:
         parser,
         defaults,
         help=dict(
-            clip_denoised="clip each x_0 prediction to [-1, 1]",
-            num_samples="number of images to generate",
-            batch_size="images per batch on each process",
+            SAMPLING_HELP,
             use_ddim="DDIM sampling (guidance on the score) instead of DDPM (guidance on the mean)",
             model_path="diffusion model checkpoint (.pt state dict)",
             classifier_path="noisy-image classifier checkpoint (.pt state dict)",
             classifier_scale="guidance scale s: the gradient of s * log p(y | x_t) is used",
-            seed="base seed; batch j draws all its noise from a generator seeded by (seed, j)",
-            log_dir="output folder (default: $OPENAI_LOGDIR, else a timestamped temp folder)",
-            progress="show a progress bar on rank 0",
         ),
     )
     return parser
@@ -108,7 +96,7 @@ def main() -> None:
     diffusion = build_diffusion(args)
     logger.log(f"loading {args.model_path} and {args.classifier_path}")
     classifier = load_classifier(args, device)
-    model = load_unet(args, device)
+    model = optimize_for_sampling(load_unet(args, device), args, device)
     scale = float(args.classifier_scale)
 
     def cond_fn(x, t, y=None):

@@ -13,7 +13,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.sample_util import (
-    UserError,
+    SAMPLING_HELP,
     apply_bundled_model,
     build_diffusion,
     check_sampling_args,
@@ -21,40 +21,20 @@ from guided_diffusion.sample_util import (
     default_log_dir,
     explicit_flags,
     load_unet,
+    optimize_for_sampling,
     resolve_precision,
     run_sampling,
+    sampling_defaults,
     to_uint8_nhwc,
 )
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        seed=0,
-        log_dir="",
-        progress=True,
-    )
+    defaults = sampling_defaults()
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(
-        parser,
-        defaults,
-        help=dict(
-            clip_denoised="clip each x_0 prediction to [-1, 1]",
-            num_samples="number of images to generate",
-            batch_size="images per batch on each process",
-            use_ddim="DDIM sampling (deterministic, eta 0) instead of ancestral DDPM",
-            model_path="model or EMA checkpoint (.pt state dict); empty: the bundled model",
-            seed="base seed; batch j draws all its noise from a generator seeded by (seed, j)",
-            log_dir="output folder (default: $OPENAI_LOGDIR, else a timestamped temp folder)",
-            progress="show a progress bar on rank 0",
-        ),
-    )
+    add_dict_to_argparser(parser, defaults, help=SAMPLING_HELP)
     return parser
 
 
@@ -73,9 +53,7 @@ def main() -> None:
 
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
     logger.log(f"loading {args.model_path}")
-    model = load_unet(args, device)
-    if args.class_cond and args.num_classes <= 0:
-        raise UserError("--num_classes must be positive")
+    model = optimize_for_sampling(load_unet(args, device), args, device)
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
     shape_tail = (3, args.image_size, args.image_size)
     logger.log(

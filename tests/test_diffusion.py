@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_json
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.script_util import create_gaussian_diffusion
+
+from conftest import load_json
 
 DJSON = load_json("golden_small/diffusion.json")
 CASES = {name: case for name, case in DJSON["cases"].items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from conftest import GOLDEN, ROOT, load_json
 
 SEED_README = ROOT / "tests" / "fixtures" / "original_readme_commands.txt"

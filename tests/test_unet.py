@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, load_json
 
 from guided_diffusion.script_util import create_classifier, create_model_and_diffusion
 from guided_diffusion.unet import (
@@ -13,6 +12,8 @@ from guided_diffusion.unet import (
     QKVAttentionLegacy,
     set_attention_impl,
 )
+
+from conftest import GOLDEN, load_json
 
 LAYOUTS = load_json("adm_checkpoint_layouts.json")["configs"]
 
