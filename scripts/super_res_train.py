@@ -1,0 +1,104 @@
+"""Train a super-resolution ADM model: small_size images upsampled to large_size.
+
+    mpirun -n N python scripts/super_res_train.py --data_dir DATA --large_size 256 \
+        --small_size 64 [model and diffusion flags] --batch_size 4 --log_dir runs/sr
+
+The low-resolution input is the training image area-downsampled to small_size. Checkpoints
+are those of image_train.py and load into super_res_sample.py with the same flags.
+"""
+
+import argparse
+
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.sample_util import cli, default_log_dir
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import (
+    TRAIN_FLAG_HELP,
+    TrainLoop,
+    check_train_args,
+    image_train_defaults,
+    save_flags,
+    set_flag_choices,
+    superres_batches,
+)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = image_train_defaults()
+    defaults.update(sr_model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dict_to_argparser(parser, defaults, help=TRAIN_FLAG_HELP)
+    set_flag_choices(parser)
+    return parser
+
+
+def main() -> None:
+    args = create_argparser().parse_args()
+    dist_util.setup_dist()
+    check_train_args(args)
+    if args.small_size > args.large_size:
+        raise ValueError(f"--small_size {args.small_size} exceeds --large_size {args.large_size}")
+    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
+    logger.configure(dir=args.log_dir)
+    save_flags(args)
+
+    logger.log("creating model...")
+    torch.manual_seed(args.seed)
+    flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+    flags.pop("use_bf16")  # training: bfloat16 autocast with fp32 weights (see TrainLoop)
+    flags["use_fp16"] = False  # fp32 master weights; the trainer converts the trunk
+    model, diffusion = sr_create_model_and_diffusion(**flags)
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(
+        args.schedule_sampler, diffusion, seed=args.seed
+    )
+
+    logger.log("creating data loader...")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.large_size,
+        class_cond=args.class_cond,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=superres_batches(data, args.small_size),
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        input_perturbation=args.input_perturbation,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        use_bf16=args.use_bf16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    ).run_loop()
+    logger.log("training done")
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    cli(main)
