@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,15 @@ class ScheduleSampler(ABC):
     @abstractmethod
     def weights(self) -> np.ndarray:
         """Unnormalised positive weights, one per diffusion step."""
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """What a resumed run needs to continue exactly (nothing for a fixed distribution)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
     def sample(self, batch_size: int, device):
         """Draw timesteps and their importance weights ``1 / (T p(t))``.
@@ -105,6 +114,17 @@ class LossSecondMomentResampler(LossAwareSampler):
             else:
                 self._loss_history[t, self._loss_counts[t]] = loss
                 self._loss_counts[t] += 1
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {
+            "loss_history": torch.from_numpy(self._loss_history.copy()),
+            "loss_counts": torch.from_numpy(self._loss_counts.astype(np.int64)),
+        }
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if state:
+            self._loss_history[...] = state["loss_history"].numpy()
+            self._loss_counts[...] = state["loss_counts"].numpy()
 
     def _warmed_up(self) -> bool:
         return bool((self._loss_counts == self.history_per_term).all())

@@ -411,6 +411,7 @@ def sr_create_model_and_diffusion(
     eps_scaler=1.0,
     eps_scaler_k=0.0,
     num_classes=NUM_CLASSES,
+    use_bf16=False,
 ):
     """Build the super-resolution UNet (small_size -> large_size) and its diffusion."""
     model = sr_create_model(
@@ -431,6 +432,7 @@ def sr_create_model_and_diffusion(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
+        use_bf16=use_bf16,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -466,10 +468,13 @@ def sr_create_model(
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
     attention_impl="sdpa",
+    use_bf16=False,
 ) -> SuperResModel:
     """Build the super-resolution UNet from the flags."""
     del small_size  # the low-resolution input is upsampled to large_size inside the model
-    return SuperResModel(
+    if use_fp16 and use_bf16:
+        raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
+    model = SuperResModel(
         image_size=large_size,
         in_channels=3,
         model_channels=num_channels,
@@ -489,6 +494,9 @@ def sr_create_model(
         use_new_attention_order=use_new_attention_order,
         attention_impl=attention_impl,
     )
+    if use_bf16:
+        model.convert_to_fp16(torch.bfloat16)
+    return model
 
 
 def create_gaussian_diffusion(
@@ -539,9 +547,15 @@ def add_dict_to_argparser(
     parser: argparse.ArgumentParser,
     default_dict: Dict[str, Any],
     help: Optional[Dict[str, str]] = None,
+    choices: Optional[Dict[str, Sequence[str]]] = None,
 ) -> None:
-    """Add one ``--key`` flag per entry, typed like its default (bools parse yes/no/true/...)."""
+    """Add one ``--key`` flag per entry, typed like its default (bools parse yes/no/true/...).
+
+    Help text comes from ``FLAG_HELP`` and ``help``; allowed values from ``FLAG_CHOICES``
+    and ``choices`` (checked by argparse).
+    """
     help = {**FLAG_HELP, **(help or {})}
+    choices = {**FLAG_CHOICES, **(choices or {})}
     for k, v in default_dict.items():
         v_type: Any = type(v)
         if v is None:
@@ -549,8 +563,8 @@ def add_dict_to_argparser(
         elif isinstance(v, bool):
             v_type = str2bool
         kwargs: Dict[str, Any] = dict(default=v, type=v_type, help=help.get(k, k.replace("_", " ")))
-        if k in FLAG_CHOICES:
-            kwargs["choices"] = FLAG_CHOICES[k]
+        if k in choices:
+            kwargs["choices"] = tuple(choices[k])
         if not isinstance(v, bool) and v is not None:
             kwargs["help"] += f" (default: {v!r})"
         elif isinstance(v, bool):

@@ -40,7 +40,7 @@ from . import dist_util, logger
 from .checkpoints import load_checkpoint_into, read_state_dict
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
-from .resample import LossAwareSampler, LossSecondMomentResampler, UniformSampler
+from .resample import LossAwareSampler, UniformSampler
 
 Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -135,15 +135,6 @@ def classifier_train_defaults() -> Dict[str, Any]:
         log_dir="",
         num_workers=1,
     )
-
-
-def set_flag_choices(parser, choices: Dict[str, Sequence[str]] = TRAIN_FLAG_CHOICES) -> None:
-    """Restrict flags already added to ``parser`` to the given choices (checked by argparse)."""
-    for action in parser._actions:
-        name = action.dest
-        if name in choices:
-            action.choices = tuple(choices[name])
-            action.help = f"{action.help}; one of {', '.join(choices[name])}"
 
 
 def check_train_args(args) -> None:
@@ -303,21 +294,6 @@ def save_step_files(files: Dict[str, Any], directory: str) -> None:
             logger.log(f"saving {name}...")
             atomic_save(obj, os.path.join(directory, name))
     dist_util.barrier()
-
-
-def _sampler_state(sampler) -> Dict[str, torch.Tensor]:
-    if isinstance(sampler, LossSecondMomentResampler):
-        return {
-            "loss_history": torch.from_numpy(sampler._loss_history.copy()),
-            "loss_counts": torch.from_numpy(sampler._loss_counts.astype(np.int64)),
-        }
-    return {}
-
-
-def _load_sampler_state(sampler, state: Dict[str, torch.Tensor]) -> None:
-    if isinstance(sampler, LossSecondMomentResampler) and state:
-        sampler._loss_history[...] = state["loss_history"].numpy()
-        sampler._loss_counts[...] = state["loss_counts"].numpy()
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -546,7 +522,7 @@ class TrainLoop:
             return
         state = dist_util.load_state_dict(path, map_location="cpu")
         self.mp_trainer.lg_loss_scale = float(state["lg_loss_scale"])
-        _load_sampler_state(self.schedule_sampler, state["schedule_sampler"])
+        self.schedule_sampler.load_state_dict(state["schedule_sampler"])
 
     # ------------------------------------------------------------------ loop
 
@@ -675,7 +651,7 @@ class TrainLoop:
         files[f"state{step:06d}.pt"] = {
             "step": step,
             "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
-            "schedule_sampler": _sampler_state(self.schedule_sampler),
+            "schedule_sampler": self.schedule_sampler.state_dict(),
         }
         files[f"model{step:06d}.pt"] = _cpu_state_dict(
             self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)

@@ -25,12 +25,12 @@ from guided_diffusion.script_util import (
     create_classifier_and_diffusion,
 )
 from guided_diffusion.train_util import (
+    TRAIN_FLAG_CHOICES,
     TRAIN_FLAG_HELP,
     ClassifierTrainLoop,
     check_train_args,
     classifier_train_defaults,
     save_flags,
-    set_flag_choices,
 )
 
 
@@ -39,8 +39,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(classifier_and_diffusion_defaults())
     defaults["num_classes"] = NUM_CLASSES
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=TRAIN_FLAG_HELP)
-    set_flag_choices(parser)
+    add_dict_to_argparser(parser, defaults, help=TRAIN_FLAG_HELP, choices=TRAIN_FLAG_CHOICES)
     return parser
 
 

@@ -22,12 +22,12 @@ from guided_diffusion.script_util import (
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import (
+    TRAIN_FLAG_CHOICES,
     TRAIN_FLAG_HELP,
     TrainLoop,
     check_train_args,
     image_train_defaults,
     save_flags,
-    set_flag_choices,
     superres_batches,
 )
 
@@ -36,8 +36,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = image_train_defaults()
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=TRAIN_FLAG_HELP)
-    set_flag_choices(parser)
+    add_dict_to_argparser(parser, defaults, help=TRAIN_FLAG_HELP, choices=TRAIN_FLAG_CHOICES)
     return parser
 
 
