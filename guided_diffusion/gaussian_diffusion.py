@@ -16,6 +16,7 @@ Randomness comes from an optional ``torch.Generator`` (or an injected ``noise_fn
 from __future__ import annotations
 
 import collections
+import copy
 import enum
 import math
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
@@ -132,15 +133,7 @@ class GaussianDiffusion:
             raise ValueError("betas must be a 1-D array in (0, 1]")
         self.num_timesteps = int(betas.shape[0])
 
-        self.eps_scaler = float(eps_scaler)
-        self.eps_scaler_k = float(eps_scaler_k)
-        self.eps_scale = eps_scaler_schedule(self.num_timesteps, eps_scaler, eps_scaler_k)
-        self._eps_scaling = bool(np.any(self.eps_scale != 1.0))
-        if self._eps_scaling and model_mean_type != ModelMeanType.EPSILON:
-            raise ValueError(
-                "Epsilon Scaling needs an eps-prediction model: use --predict_xstart False "
-                "or --eps_scaler 1.0 --eps_scaler_k 0.0"
-            )
+        self._set_eps_scaler(eps_scaler, eps_scaler_k)
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
@@ -176,6 +169,28 @@ class GaussianDiffusion:
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self._device_arrays: Dict[tuple, tuple] = {}
+
+    def _set_eps_scaler(self, b: float, k: float) -> None:
+        """Install the Epsilon Scaling schedule lambda_i = k * i + b (validated)."""
+        eps_scale = eps_scaler_schedule(self.num_timesteps, b, k)
+        scaling = bool(np.any(eps_scale != 1.0))
+        if scaling and self.model_mean_type != ModelMeanType.EPSILON:
+            raise ValueError(
+                "Epsilon Scaling needs an eps-prediction model: use --predict_xstart False "
+                "or --eps_scaler 1.0 --eps_scaler_k 0.0"
+            )
+        self.eps_scaler, self.eps_scaler_k = float(b), float(k)
+        self.eps_scale, self._eps_scaling = eps_scale, scaling
+
+    def with_eps_scaler(self, eps_scaler: float, eps_scaler_k: float = 0.0) -> GaussianDiffusion:
+        """A copy of this process whose Epsilon Scaling schedule is lambda_i = k * i + b.
+
+        Everything else (schedule, respacing, variance and mean types) is shared.
+        """
+        new = copy.copy(self)
+        new._device_arrays = dict(self._device_arrays)
+        new._set_eps_scaler(eps_scaler, eps_scaler_k)
+        return new
 
     # ------------------------------------------------------------------ helpers
 

@@ -495,3 +495,20 @@ def test_calc_bpd_loop_shapes_and_consistency(golden_model):
     assert (out["total_bpd"] > 0).all() and torch.isfinite(out["total_bpd"]).all()
     # the prior term of a 10-step cosine schedule is tiny: abar at the last step is ~0
     assert out["prior_bpd"].max() < 1e-3
+
+
+def test_with_eps_scaler_copy(golden_model, diffusion_npz):
+    """A copy with another lambda schedule equals a diffusion built with it; the source stays."""
+    x = torch.from_numpy(diffusion_npz["pmv_x_t"])
+    base = make_diffusion("10", "lam1p0")
+    copy = base.with_eps_scaler(1.005, 0.002)
+    built = make_diffusion("10", "linear")
+    np.testing.assert_array_equal(copy.eps_scale, built.eps_scale)
+    assert np.all(base.eps_scale == 1.0) and copy.timestep_map == base.timestep_map
+    t = torch.full((2,), 6)
+    with torch.no_grad():
+        a = copy.p_mean_variance(golden_model, x, t)["mean"]
+        b = built.p_mean_variance(golden_model, x, t)["mean"]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="must be positive"):
+        base.with_eps_scaler(0.0)
