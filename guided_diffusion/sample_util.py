@@ -464,6 +464,43 @@ def load_unet(args: argparse.Namespace, device: torch.device) -> torch.nn.Module
     return model.eval()
 
 
+def generate_batch(
+    model,
+    diffusion,
+    n: int,
+    generator: torch.Generator,
+    *,
+    image_size: int,
+    device: torch.device,
+    use_ddim: bool = False,
+    clip_denoised: bool = True,
+    num_classes: Optional[int] = None,
+    cond_fn=None,
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Sample ``n`` images from pure noise; every draw comes from ``generator``.
+
+    Labels (when ``num_classes`` is set) are drawn first, then x_T, then each step's noise.
+    :return: (uint8 NHWC images, int64 labels or None).
+    """
+    model_kwargs = {}
+    labels = None
+    if num_classes is not None:
+        labels = torch.randint(0, num_classes, (n,), generator=generator, device=device)
+        model_kwargs["y"] = labels
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    sample = loop(
+        model,
+        (n, 3, image_size, image_size),
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        device=device,
+        generator=generator,
+    )
+    images = to_uint8_nhwc(sample).cpu().numpy()
+    return images, None if labels is None else labels.cpu().numpy().astype(np.int64)
+
+
 def optimize_for_sampling(model: torch.nn.Module, args: argparse.Namespace, device: torch.device):
     """The fast path: channels-last on GPUs, and ``torch.compile`` when ``--compile``.
 

@@ -23,12 +23,12 @@ from guided_diffusion.sample_util import (
     cli,
     default_log_dir,
     explicit_flags,
+    generate_batch,
     load_unet,
     optimize_for_sampling,
     resolve_precision,
     run_sampling,
     sampling_defaults,
-    to_uint8_nhwc,
 )
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -110,21 +110,19 @@ def main() -> None:
     def model_fn(x, t, y=None):
         return model(x, t, y if args.class_cond else None)
 
-    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
-    shape_tail = (3, args.image_size, args.image_size)
-
     def sample_batch(n: int, generator: torch.Generator):
-        labels = torch.randint(0, args.num_classes, (n,), generator=generator, device=device)
-        sample = loop(
+        return generate_batch(
             model_fn,
-            (n, *shape_tail),
-            clip_denoised=args.clip_denoised,
-            model_kwargs={"y": labels},
-            cond_fn=cond_fn,
+            diffusion,
+            n,
+            generator,
+            image_size=args.image_size,
             device=device,
-            generator=generator,
+            use_ddim=args.use_ddim,
+            clip_denoised=args.clip_denoised,
+            num_classes=args.num_classes,
+            cond_fn=cond_fn,
         )
-        return to_uint8_nhwc(sample).cpu().numpy(), labels.cpu().numpy()
 
     run_sampling(
         sample_batch,

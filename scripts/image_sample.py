@@ -20,12 +20,12 @@ from guided_diffusion.sample_util import (
     cli,
     default_log_dir,
     explicit_flags,
+    generate_batch,
     load_unet,
     optimize_for_sampling,
     resolve_precision,
     run_sampling,
     sampling_defaults,
-    to_uint8_nhwc,
 )
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
@@ -54,8 +54,6 @@ def main() -> None:
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
     logger.log(f"loading {args.model_path}")
     model = optimize_for_sampling(load_unet(args, device), args, device)
-    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
-    shape_tail = (3, args.image_size, args.image_size)
     logger.log(
         f"sampling {args.num_samples} images: {diffusion.num_timesteps} steps "
         f"({'DDIM' if args.use_ddim else 'DDPM'}), lambda_i = {args.eps_scaler_k} * i + "
@@ -63,21 +61,17 @@ def main() -> None:
     )
 
     def sample_batch(n: int, generator: torch.Generator):
-        model_kwargs = {}
-        labels = None
-        if args.class_cond:
-            labels = torch.randint(0, args.num_classes, (n,), generator=generator, device=device)
-            model_kwargs["y"] = labels
-        sample = loop(
+        return generate_batch(
             model,
-            (n, *shape_tail),
-            clip_denoised=args.clip_denoised,
-            model_kwargs=model_kwargs,
+            diffusion,
+            n,
+            generator,
+            image_size=args.image_size,
             device=device,
-            generator=generator,
+            use_ddim=args.use_ddim,
+            clip_denoised=args.clip_denoised,
+            num_classes=args.num_classes if args.class_cond else None,
         )
-        images = to_uint8_nhwc(sample).cpu().numpy()
-        return images, None if labels is None else labels.cpu().numpy()
 
     run_sampling(
         sample_batch,
