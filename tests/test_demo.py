@@ -1,0 +1,104 @@
+"""scripts/demo.py end to end, at toy sizes, on small Fashion-MNIST-format files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+BUNDLED = ROOT / "models" / "adm_fmnist32_ema.pt"
+
+
+def _fmnist_like(path, n, seed):
+    """Grey 32x32x3 uint8 images, 2-pixel zero border, like datasets/fashion_mnist.py."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((n, 32, 32, 3), np.uint8)
+    img[:, 2:30, 2:30, :] = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    np.savez(path, arr_0=img, arr_1=rng.integers(0, 10, n).astype(np.int64))
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled model not present")
+def test_demo_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _fmnist_like(data / "fmnist_train.npz", 64, 0)
+    _fmnist_like(data / "fmnist_test.npz", 48, 1)
+    out = tmp_path / "demo_out"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "demo.py"),
+        "--out_dir",
+        str(out),
+        "--data_dir",
+        str(data),
+        "--steps",
+        "4",
+        "--lambdas",
+        "0.99,1.0,1.02",
+        "--num_samples",
+        "12",
+        "--calib_samples",
+        "8",
+        "--eb_samples",
+        "8",
+        "--batch_size",
+        "8",
+        "--threads",
+        "1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "NOT comparable with Inception" in proc.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["steps"] == 4
+    lams = [row["lambda"] for row in r["sweep"]]
+    assert lams[:3] == [0.99, 1.0, 1.02] and len(lams) == 4  # plus the calibrated b
+    assert r["sweep"][3]["calibrated"] and r["sweep"][3]["lambda"] == round(r["calibrated_b"], 4)
+    assert r["best_lambda"] in (0.99, 1.0, 1.02)
+    best = min(r["sweep"][:3], key=lambda row: row["fid"])
+    assert best["lambda"] == r["best_lambda"]
+    for row in r["sweep"]:
+        assert set(row) >= {"lambda", "fid", "inception_score", "precision", "recall"}
+        assert np.isfinite(row["fid"]) and 1.0 <= row["inception_score"] <= 10.0
+    assert set(r["delta_mean"]) == {"1.0", "best"}
+    assert len(r["delta_t"]["1.0"]) == 4 and len(r["eps_norm"]["training"]) == 4
+    for name in (
+        "report.md",
+        "calibration.json",
+        "fid_vs_lambda.png",
+        "delta_t.png",
+        "eps_norm.png",
+        "grids_adm_vs_es.png",
+        "grid_lambda1.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    with np.load(out / "samples_lambda1.npz") as z:
+        assert z["arr_0"].shape == (12, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    report = (out / "report.md").read_text()
+    assert "| 1 |" in report and "NOT comparable" in report
+
+
+def test_demo_missing_model_is_one_line(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "demo.py"),
+        "--model_path",
+        str(tmp_path / "nope.pt"),
+        "--data_dir",
+        str(tmp_path),
+        "--out_dir",
+        str(tmp_path),
+    ]
+    data = tmp_path
+    _fmnist_like(data / "fmnist_train.npz", 8, 0)
+    _fmnist_like(data / "fmnist_test.npz", 8, 1)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "model not found" in proc.stderr and "Traceback" not in proc.stderr
