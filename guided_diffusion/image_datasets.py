@@ -46,6 +46,7 @@ def load_data(
     num_workers: int = 1,
     shard: int | None = None,
     num_shards: int | None = None,
+    start_batch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Yield ``(batch, cond)`` forever: batch float32 [N, 3, image_size, image_size] in [-1, 1].
 
@@ -61,6 +62,8 @@ def load_data(
     :param num_workers: loader worker processes (0 reads in this process).
     :param shard, num_shards: this reader's shard; default ``dist_util.get_rank()`` and
         ``dist_util.get_world_size()``.
+    :param start_batch: begin at this batch of the stream (a resumed training run), without
+        reading the batches before it: the stream equals the full stream minus its head.
 
     Every epoch drops its last incomplete batch. Raises ``DataError`` for a missing or empty
     ``data_dir``, a malformed ``.npz``, ``class_cond`` without labels, fewer images than
@@ -91,8 +94,15 @@ def load_data(
         random_crop=random_crop,
         random_flip=random_flip,
     )
+    if start_batch < 0:
+        raise DataError(f"start_batch must be non-negative: {start_batch}")
     sampler = _SeededBatchSampler(
-        len(dataset), batch_size, shuffle=not deterministic, seed=seed, shard=shard
+        len(dataset),
+        batch_size,
+        shuffle=not deterministic,
+        seed=seed,
+        shard=shard,
+        start_batch=start_batch,
     )
     loader = DataLoader(
         _ReportErrors(dataset),
@@ -286,9 +296,13 @@ class _SeededBatchSampler:
     The epoch counter advances each time a pass starts; incomplete last batches are dropped.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, shard: int) -> None:
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, seed: int, shard: int, start_batch: int = 0
+    ) -> None:
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
-        self.seed, self.shard, self.epoch = seed, shard, 0
+        self.seed, self.shard = seed, shard
+        # start at batch ``start_batch`` of the stream without reading what comes before
+        self.epoch, self._skip = divmod(start_batch, len(self))
 
     def __len__(self) -> int:
         return self.n // self.batch_size
@@ -298,7 +312,8 @@ class _SeededBatchSampler:
         self.epoch += 1
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         seeds = rng.integers(2**63 - 1, size=self.n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first, self._skip = self._skip * self.batch_size, 0
+        for start in range(first, len(self) * self.batch_size, self.batch_size):
             span = range(start, start + self.batch_size)
             yield [(int(order[k]), int(seeds[k])) for k in span]
 

@@ -202,6 +202,8 @@ def seed_step(seed: int, step: int, sampler=None) -> None:
 
 def skip_batches(data: Iterator, n: int) -> None:
     """Advance a data stream by ``n`` batches (restores the data order of a resumed run)."""
+    if n < 0:
+        raise ValueError(f"the data stream starts {-n} batches past the resumed step")
     if n > 0:
         logger.log(f"skipping {n} batches to restore the data order of step {n}...")
     for _ in range(n):
@@ -241,6 +243,11 @@ def _atomic_write(path: str, write: Callable) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def resume_step_of(resume_checkpoint: str) -> int:
+    """Steps done before a resume from ``resume_checkpoint`` (0 when not resuming)."""
+    return parse_resume_step_from_filename(resume_checkpoint) if resume_checkpoint else 0
 
 
 def parse_resume_step_from_filename(filename: str) -> int:
@@ -385,6 +392,8 @@ class TrainLoop:
     :param max_steps: stop (and save) when this many steps are done; 0 = no limit.
     :param compile: ``torch.compile`` the model; ``channels_last``: channels_last memory.
     :param checkpoint_dir: where checkpoints go (default: the logger's folder).
+    :param data_start_batch: the batch of the stream that ``data`` starts at (e.g.
+        ``load_data(start_batch=resume_step)``); the loop skips only the rest.
     """
 
     def __init__(
@@ -412,6 +421,7 @@ class TrainLoop:
         compile: bool = False,
         channels_last: bool = False,
         checkpoint_dir: Optional[str] = None,
+        data_start_batch: int = 0,
     ) -> None:
         if use_fp16 and use_bf16:
             raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
@@ -436,6 +446,7 @@ class TrainLoop:
         self.max_steps = max_steps
         self.channels_last = channels_last
         self.checkpoint_dir = checkpoint_dir
+        self.data_start_batch = data_start_batch
 
         self.step = 0  # steps taken in this run
         self.resume_step = 0  # steps taken before it (from the checkpoint's name)
@@ -541,7 +552,7 @@ class TrainLoop:
     def run_loop(self) -> None:
         """Train until ``lr_anneal_steps`` / ``max_steps`` (forever if both are 0)."""
         if not self._data_positioned:
-            skip_batches(self.data, self.resume_step)
+            skip_batches(self.data, self.resume_step - self.data_start_batch)
             self._data_positioned = True
         last_saved = self.global_step
         while not self._done():
@@ -829,6 +840,7 @@ class ClassifierTrainLoop:
         use_fp16: bool = False,
         seed: int = 0,
         checkpoint_dir: Optional[str] = None,
+        data_start_batch: int = 0,
     ) -> None:
         self.model = model
         self.diffusion = diffusion
@@ -846,6 +858,7 @@ class ClassifierTrainLoop:
         self.save_interval = save_interval
         self.seed = seed
         self.checkpoint_dir = checkpoint_dir
+        self.data_start_batch = data_start_batch
         self.metrics = DeviceMeans()
 
         self.resume_step = 0
@@ -912,7 +925,7 @@ class ClassifierTrainLoop:
 
     def run_loop(self) -> None:
         """Train until ``iterations`` steps are done, then save."""
-        skip_batches(self.data, self.resume_step)
+        skip_batches(self.data, self.resume_step - self.data_start_batch)
         if self.val_data is not None:
             skip_batches(self.val_data, self.resume_step // self.eval_interval)
         step = self.resume_step

@@ -30,6 +30,7 @@ from guided_diffusion.train_util import (
     ClassifierTrainLoop,
     check_train_args,
     classifier_train_defaults,
+    resume_step_of,
     save_flags,
 )
 
@@ -72,6 +73,7 @@ def main() -> None:
         random_crop=True,
         seed=args.seed,
         num_workers=args.num_workers,
+        start_batch=resume_step_of(args.resume_checkpoint),
     )
     val_data = None
     if args.val_data_dir:
@@ -99,6 +101,7 @@ def main() -> None:
         microbatch=args.microbatch,
         schedule_sampler=schedule_sampler,
         resume_checkpoint=args.resume_checkpoint,
+        data_start_batch=resume_step_of(args.resume_checkpoint),
         log_interval=args.log_interval,
         eval_interval=args.eval_interval,
         save_interval=args.save_interval,

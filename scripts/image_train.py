@@ -27,6 +27,7 @@ from guided_diffusion.train_util import (
     TrainLoop,
     check_train_args,
     image_train_defaults,
+    resume_step_of,
     save_flags,
 )
 
@@ -67,6 +68,7 @@ def main() -> None:
         class_cond=args.class_cond,
         seed=args.seed,
         num_workers=args.num_workers,
+        start_batch=resume_step_of(args.resume_checkpoint),
     )
 
     logger.log("training...")
@@ -81,6 +83,7 @@ def main() -> None:
         log_interval=args.log_interval,
         save_interval=args.save_interval,
         resume_checkpoint=args.resume_checkpoint,
+        data_start_batch=resume_step_of(args.resume_checkpoint),
         use_fp16=args.use_fp16,
         fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=schedule_sampler,

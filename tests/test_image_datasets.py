@@ -232,6 +232,25 @@ def test_seed_determinism_epochs_and_drop_last(tmp_path):
     assert len({tuple(ids) for ids in epochs}) > 1  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("start", [1, 2, 5])
+def test_start_batch_continues_the_full_stream(tmp_path, start):
+    """start_batch=k gives the full stream without its first k batches (across epochs)."""
+    path = tmp_path / "v.npz"
+    np.savez(path, _value_images(10))
+    kwargs = dict(
+        data_dir=str(path),
+        batch_size=4,
+        image_size=8,
+        random_crop=True,
+        random_flip=True,
+        seed=3,
+        num_workers=0,
+    )
+    full = [b for b, _ in _take(load_data(**kwargs), start + 4)]
+    late = [b for b, _ in _take(load_data(**kwargs, start_batch=start), 4)]
+    assert all(torch.equal(x, y) for x, y in zip(full[start:], late))
+
+
 def test_deterministic_keeps_sorted_order(tmp_path):
     path = tmp_path / "v.npz"
     np.savez(path, _value_images(6))
