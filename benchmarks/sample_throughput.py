@@ -117,6 +117,10 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if args.config not in {**README_BATCH, **SMALL}:
+        p.error(
+            f"unknown --config {args.config!r}; choose from {sorted(README_BATCH) + sorted(SMALL)}"
+        )
     flags = config_flags(args.config)
     batch = args.batch_size or (README_BATCH.get(args.config, 64) if device.type == "cuda" else 16)
 
@@ -147,14 +151,28 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     run = timer(device)
-    reference = None
-    for name in args.paths.split(","):
+    names = args.paths.split(",")
+    unknown = [n for n in names if n not in PATHS]
+    if unknown:
+        p.error(f"unknown --paths {unknown}; choose from {list(PATHS)}")
+    # the reference of the relative errors: the plain fp32 eager path on the same inputs
+    reference = measure(
+        "plain",
+        flags,
+        state,
+        diffusion,
+        x,
+        t,
+        kwargs,
+        g,
+        lambda f, n: 0.0,
+        argparse.Namespace(warmup=0, iters=0),
+    )[0]
+    for name in names:
         if PATHS[name][1] is not None and device.type != "cuda":
             print(f"{name:12s} skipped (half precision needs a GPU)")
             continue
         out, pass_s, step_s = measure(name, flags, state, diffusion, x, t, kwargs, g, run, args)
-        if reference is None:
-            reference = out
         rel = float((out - reference).norm() / reference.norm())
         print(
             f"{name:12s} {pass_s * 1e3:8.1f} ms/pass  {step_s * 1e3:8.1f} ms/step  "
@@ -173,7 +191,7 @@ def measure(name, flags, state, diffusion, x, t, kwargs, g, run, args):
     set_attention_impl(m, attn)
     if half is not None:
         m.convert_to_fp16(half)
-    if channels_last and device.type == "cuda":
+    if channels_last:  # as optimize_for_sampling does, on every device
         m = m.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     fn = torch.compile(m, mode=compile_mode) if compile_mode else m

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import socket
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -142,22 +142,66 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / get_world_size()
 
 
+class RankZeroError(RuntimeError):
+    """Raised on the other ranks when the work of ``on_rank0`` failed on rank 0."""
+
+
+def on_rank0(
+    fn: Callable[..., Any], *args: Any, broadcast_result: bool = True, **kwargs: Any
+) -> Any:
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its error.
+
+    Every rank must call this. Without it, an exception on rank 0 alone (a missing file,
+    a full disk) leaves the other ranks waiting in the next collective. Rank 0 re-raises
+    the original exception; the others raise the same type with the same message when it
+    can be rebuilt from the message, else ``RankZeroError``.
+    """
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            if not dist.is_initialized():
+                raise
+            error = e
+    if not dist.is_initialized():
+        return result
+    shared = (result if broadcast_result else None, _describe(error))
+    result, described = broadcast_object(shared if get_rank() == 0 else None)
+    if described is None:
+        return result
+    if error is not None:
+        raise error
+    cls, message = described
+    try:
+        rebuilt = cls(message)
+    except Exception:
+        rebuilt = RankZeroError(message)
+    raise rebuilt
+
+
+def _describe(error: Exception | None):
+    """(exception class, message) if the class is picklable by reference, else RankZeroError."""
+    if error is None:
+        return None
+    cls = type(error)
+    message = str(error.args[0]) if len(error.args) == 1 else str(error)
+    if cls.__module__ == "builtins" or cls.__module__.startswith(
+        ("guided_diffusion", "evaluations")
+    ):
+        return cls, message
+    return RankZeroError, f"{cls.__name__}: {message}"
+
+
 def load_state_dict(path: str, **kwargs: Any) -> dict:
     """Read a checkpoint file on rank 0, broadcast its bytes, load it safely everywhere.
 
     Every rank must call this. Files are read with ``blobfile`` (local paths, gs://, az://)
     and deserialised with ``torch.load(weights_only=True)``: plain state dicts of tensors
-    load; pickled code is refused. Raises ``FileNotFoundError`` naming the path.
+    load; pickled code is refused. A read error on rank 0 (missing file, a directory, no
+    permission) is raised on every rank.
     """
-    payload = None
-    if get_rank() == 0:
-        try:
-            payload = _read_bytes(path)
-        except FileNotFoundError:
-            payload = None
-    payload = broadcast_object(payload)
-    if payload is None:
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = on_rank0(_read_bytes, path)
     kwargs.setdefault("map_location", "cpu")
     kwargs["weights_only"] = True
     return torch.load(io.BytesIO(payload), **kwargs)
@@ -165,12 +209,14 @@ def load_state_dict(path: str, **kwargs: Any) -> dict:
 
 def _read_bytes(path: str) -> bytes:
     if "://" not in path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
         with open(path, "rb") as f:
             return f.read()
     import blobfile as bf
 
     if not bf.exists(path):
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     with bf.BlobFile(path, "rb") as f:
         return f.read()
 

@@ -82,11 +82,9 @@ OBJECTIVE = (
 
 def sample_seeds(seed: int, indices: Iterable[int]) -> List[int]:
     """One 63-bit seed per sample from the run seed and the sample's global index."""
-    out = []
-    for j in indices:
-        state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(j)]).generate_state(2)
-        out.append(int((int(state[0]) << 32 | int(state[1])) & (2**63 - 1)))
-    return out
+    from .sample_util import batch_seed
+
+    return [batch_seed(seed, j) for j in indices]
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -191,15 +189,10 @@ def original_timesteps(diffusion: GaussianDiffusion) -> np.ndarray:
     return np.asarray(tmap, dtype=np.int64)
 
 
-def with_eps_scaler(diffusion: GaussianDiffusion, b: float, k: float = 0.0) -> GaussianDiffusion:
-    """A copy of ``diffusion`` whose Epsilon Scaling schedule is lambda_i = k * i + b."""
-    return diffusion.with_eps_scaler(b, k)
-
-
 def as_factory(diffusion: Union[GaussianDiffusion, DiffusionFactory]) -> DiffusionFactory:
     """Turn a diffusion (or a ``(b, k) -> diffusion`` factory) into a factory."""
     if isinstance(diffusion, GaussianDiffusion):
-        return lambda b, k: with_eps_scaler(diffusion, b, k)
+        return diffusion.with_eps_scaler
     return diffusion
 
 
@@ -987,33 +980,32 @@ def plot_calibration(path: Union[str, os.PathLike], result: CalibrationResult) -
 
 
 def measurement_defaults(num_samples: int, batch_size: int) -> Dict[str, Any]:
-    """The data and run flags of the three exposure-bias scripts (model flags come from
-    ``model_and_diffusion_defaults``)."""
+    """The data and run flags of the three exposure-bias scripts: the sampling scripts' run
+    flags plus ``data_dir`` (model flags come from ``model_and_diffusion_defaults``)."""
+    from .sample_util import sampling_defaults
+
+    shared = sampling_defaults()
+    keys = ("use_ddim", "clip_denoised", "model_path", "seed", "log_dir", "progress")
     return dict(
         data_dir="",
         num_samples=num_samples,
         batch_size=batch_size,
-        use_ddim=False,
-        clip_denoised=True,
-        model_path="",
-        seed=0,
-        log_dir="",
-        progress=True,
+        **{k: shared[k] for k in keys},
     )
 
 
-MEASUREMENT_HELP = dict(
-    data_dir="images x_0: an image folder or an .npz file (arr_0 uint8 NHWC, arr_1 labels); "
-    "the first --num_samples are used",
-    num_samples="number of data images (samples) to measure",
-    batch_size="images per network call on each process",
-    use_ddim="DDIM sampling (deterministic, eta 0) instead of ancestral DDPM",
-    clip_denoised="clip each x_0 prediction to [-1, 1]",
-    model_path="model or EMA checkpoint (.pt state dict); empty: the bundled model",
-    seed="base seed; sample j draws all its noise from generators seeded by (seed, j)",
-    log_dir="output folder (default: $OPENAI_LOGDIR, else a timestamped temp folder)",
-    progress="show progress on rank 0",
-)
+def measurement_help() -> Dict[str, str]:
+    """Help text of ``measurement_defaults``' flags."""
+    from .sample_util import SAMPLING_HELP
+
+    return dict(
+        SAMPLING_HELP,
+        data_dir="images x_0: an image folder or an .npz file (arr_0 uint8 NHWC, arr_1 "
+        "labels); the first --num_samples are used",
+        num_samples="number of data images (samples) to measure",
+        batch_size="images per network call on each process",
+        seed="base seed; sample j draws all its noise from generators seeded by (seed, j)",
+    )
 
 
 def count_images(data_dir: str) -> int:
@@ -1130,29 +1122,12 @@ def factory_from_args(args: argparse.Namespace) -> DiffusionFactory:
 
 
 def start_script(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the flags, set up the processes, apply the bundled model when no
-    ``--model_path`` is given, check the run flags and open the log in ``--log_dir``."""
-    from . import dist_util, logger
-    from .sample_util import (
-        apply_bundled_model,
-        check_sampling_args,
-        default_log_dir,
-        explicit_flags,
-        resolve_precision,
-    )
-    from .script_util import model_and_diffusion_defaults
+    """``sample_util.start_sampling_script``, for eps-prediction models only."""
+    from .sample_util import start_sampling_script
 
-    args = parser.parse_args()
-    dist_util.setup_dist()
-    apply_bundled_model(args, explicit_flags(parser), model_and_diffusion_defaults())
-    check_sampling_args(args)
+    args = start_sampling_script(parser)
     if args.predict_xstart:
         raise ValueError("epsilon norms need an eps-prediction model: use --predict_xstart False")
-    resolve_precision(args, dist_util.dev())
-    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
-    logger.configure(
-        dir=args.log_dir, format_strs=["stdout", "log"] if dist_util.is_main() else ["log"]
-    )
     return args
 
 

@@ -455,7 +455,11 @@ class GaussianDiffusion:
         model_kwargs: Optional[dict] = None,
         eta: float = 0.0,
     ) -> Dict[str, torch.Tensor]:
-        """One deterministic reverse-ODE step x_t -> x_{t+1} (DDIM inversion, eta = 0 only)."""
+        """One deterministic reverse-ODE step x_t -> x_{t+1} (DDIM inversion, eta = 0 only).
+
+        It inverts the sampler's own ODE, so it uses the same Epsilon Scaling schedule as
+        ``ddim_sample`` (build the diffusion with b = 1, k = 0 to invert plain ADM).
+        """
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample is deterministic: eta must be 0")
         out = self.p_mean_variance(
@@ -768,10 +772,3 @@ def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     if generator is None:
         return torch.randn_like(x)
     return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-
-
-def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
-    """arr[timesteps] as float32, broadcast to ``broadcast_shape`` (kept for compatibility)."""
-    res = torch.from_numpy(np.asarray(arr)).to(device=timesteps.device)[timesteps].float()
-    res = res.reshape(res.shape + (1,) * (len(broadcast_shape) - res.ndim))
-    return res.expand(broadcast_shape)

@@ -34,7 +34,9 @@ BUNDLED_MODEL = REPO_ROOT / "models" / "adm_fmnist32_ema.pt"
 BUNDLED_FLAGS = REPO_ROOT / "models" / "adm_fmnist32.json"
 
 # flags that change the samples: a rerun in the same --log_dir must agree on all of them
-RUN_IDENTITY_EXCLUDE = ("log_dir", "progress", "compile", "channels_last", "cuda_graphs")
+RUN_IDENTITY_EXCLUDE = ("log_dir", "progress", "compile", "compile_mode", "channels_last")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SAMPLING_CHOICES = {"compile_mode": COMPILE_MODES}
 
 
 def sampling_defaults() -> Dict[str, Any]:
@@ -65,7 +67,7 @@ SAMPLING_HELP = dict(
     progress="show a progress bar on rank 0",
     channels_last="channels-last memory layout for the UNet (same math, faster)",
     compile="torch.compile the UNet (slow first batch, faster afterwards)",
-    compile_mode="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune",
+    compile_mode="torch.compile mode (reduce-overhead adds CUDA graphs)",
 )
 
 
@@ -81,7 +83,7 @@ def cli(main: Callable[[], Any]) -> None:
     prog = os.path.basename(sys.argv[0])
     try:
         main()
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, OSError, NotImplementedError) as e:
         if os.environ.get("ADM_ES_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -128,6 +130,27 @@ def apply_bundled_model(args: argparse.Namespace, explicit: set, keys: Iterable[
         f"({meta.get('description', 'see model-card.md')})"
     )
     return True
+
+
+def start_sampling_script(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The common start of the sampling and measurement scripts.
+
+    Parses the flags, sets up the processes, applies the bundled model when no
+    ``--model_path`` is given, checks the run flags, resolves the precision for the device
+    and opens the log in ``--log_dir`` (the same folder on every rank).
+    """
+    from .script_util import model_and_diffusion_defaults
+
+    args = parser.parse_args()
+    dist_util.setup_dist()
+    apply_bundled_model(args, explicit_flags(parser), model_and_diffusion_defaults())
+    check_sampling_args(args)
+    resolve_precision(args, dist_util.dev())
+    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
+    logger.configure(
+        dir=args.log_dir, format_strs=["stdout", "log"] if dist_util.is_main() else ["log"]
+    )
+    return args
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
@@ -276,6 +299,19 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _prepare_log_dir(log_path: Path, shard_dir: Path, final: Path, flags: Dict[str, Any]):
+    """Rank 0: None to go on, "complete" if this run is finished, else the refusal message."""
+    log_path.mkdir(parents=True, exist_ok=True)
+    status = _check_manifest(log_path, shard_dir, flags)
+    if status is None and final.exists() and not shard_dir.joinpath("run.json").exists():
+        return "complete"
+    if status is None:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        if not shard_dir.joinpath("run.json").exists():
+            _write_json_atomic(shard_dir / "run.json", flags)
+    return status
+
+
 def _shard_path(shard_dir: Path, j: int) -> Path:
     return shard_dir / f"batch_{j:06d}.npz"
 
@@ -303,17 +339,7 @@ def run_sampling(
     final = log_path / f"{name}.npz"
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
 
-    status = None
-    if rank == 0:
-        log_path.mkdir(parents=True, exist_ok=True)
-        status = _check_manifest(log_path, shard_dir, flags)
-        if status is None and final.exists() and not shard_dir.joinpath("run.json").exists():
-            status = "complete"
-        elif status is None:
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            if not shard_dir.joinpath("run.json").exists():
-                _write_json_atomic(shard_dir / "run.json", flags)
-    status = dist_util.broadcast_object(status)
+    status = dist_util.on_rank0(_prepare_log_dir, log_path, shard_dir, final, flags)
     if status == "complete":
         dist_util.print0(f"{final} already holds the finished samples of this run; nothing to do")
         return final if rank == 0 else None
@@ -354,13 +380,10 @@ def run_sampling(
         bar.close()
     dist_util.barrier()
 
-    if rank != 0:
-        dist_util.barrier()
-        return None
-    _assemble(shard_dir, num_batches, sizes, final, flags, log_path / f"{name}_flags.json")
+    flags_path = log_path / f"{name}_flags.json"
+    dist_util.on_rank0(_assemble, shard_dir, num_batches, sizes, final, flags, flags_path)
     logger.log(f"saved {num_samples} samples to {final}")
-    dist_util.barrier()
-    return final
+    return final if rank == 0 else None
 
 
 def _iter_shards(shard_dir: Path, num_batches: int, key: str) -> Iterator[np.ndarray]:

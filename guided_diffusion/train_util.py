@@ -271,15 +271,15 @@ def _sibling(main_checkpoint: str, prefix: str, step: int) -> Optional[str]:
 
 def _exists_everywhere(path: str) -> bool:
     """Whether ``path`` exists, as seen by rank 0 (every rank calls; all get one answer)."""
-    exists = None
-    if dist_util.get_rank() == 0:
+
+    def exists() -> bool:
         if "://" in path:
             import blobfile as bf
 
-            exists = bf.exists(path)
-        else:
-            exists = os.path.exists(path)
-    return bool(dist_util.broadcast_object(exists))
+            return bool(bf.exists(path))
+        return os.path.exists(path)
+
+    return bool(dist_util.on_rank0(exists))
 
 
 def load_model_checkpoint(model: nn.Module, path: str, kind: str = "model") -> None:
@@ -295,12 +295,15 @@ def _cpu_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
 
 
 def save_step_files(files: Dict[str, Any], directory: str) -> None:
-    """Rank 0 writes ``{file name: object}`` atomically, in order; every rank then waits."""
-    if dist_util.get_rank() == 0:
+    """Rank 0 writes ``{file name: object}`` atomically, in order; every rank then waits (and
+    raises if the writing failed)."""
+
+    def write() -> None:
         for name, obj in files.items():
             logger.log(f"saving {name}...")
             atomic_save(obj, os.path.join(directory, name))
-    dist_util.barrier()
+
+    dist_util.on_rank0(write)
 
 
 # ------------------------------------------------------------------------------ metrics

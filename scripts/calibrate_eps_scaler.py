@@ -42,6 +42,7 @@ def create_argparser() -> argparse.ArgumentParser:
         tol=1e-4,
         max_evals=8,
         max_evals_linear=5,
+        train_norm_csv="",
     )
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -49,7 +50,7 @@ def create_argparser() -> argparse.ArgumentParser:
         parser,
         defaults,
         help=dict(
-            eb.MEASUREMENT_HELP,
+            eb.measurement_help(),
             exclude_steps="comma-separated step indices i left out of the objective "
             "(0 = the last step; empty: none)",
             b_range="LO,HI: the range searched for b (and for lambda at both ends of the "
@@ -57,6 +58,8 @@ def create_argparser() -> argparse.ArgumentParser:
             tol="stop when the next change of b (or of lambda, linear fit) is below this",
             max_evals="most sampling passes for the uniform fit, the lambda = 1 pass included",
             max_evals_linear="most sampling passes for the linear fit",
+            train_norm_csv="target curve: the train_norm column of an eps_norm.csv (same "
+            "respacing) instead of this model's own training curve",
         ),
     )
     return parser
@@ -106,6 +109,16 @@ def main() -> None:
             f"(s.e. {ev.gap_se:.5f}), rms {ev.rms_gap:.5f}, slope {ev.slope:+.5f}"
         )
 
+    train_norm = None
+    if args.train_norm_csv:
+        table = eb.read_csv(args.train_norm_csv)
+        if "train_norm" not in table or len(table["train_norm"]) != K:
+            raise ValueError(
+                f"--train_norm_csv {args.train_norm_csv} needs a train_norm column with {K} rows "
+                "(an eps_norm.csv of the same respacing)"
+            )
+        order = np.argsort(table["step"])  # rows run from the noisiest step; index by i
+        train_norm = np.asarray(table["train_norm"], dtype=np.float64)[order]
     result = eb.calibrate(
         model,
         factory,
@@ -122,9 +135,9 @@ def main() -> None:
         batch_size=args.batch_size,
         gather=gather,
         callback=report,
+        train_norm=train_norm,
     )
-    if rank == 0:
-        write_outputs(args, result)
+    dist_util.on_rank0(write_outputs, args, result)
     dist_util.cleanup()
 
 

@@ -15,20 +15,17 @@ import torch.nn.functional as F
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_checkpoint_into, read_state_dict
 from guided_diffusion.sample_util import (
+    SAMPLING_CHOICES,
     SAMPLING_HELP,
     UserError,
-    apply_bundled_model,
     build_diffusion,
-    check_sampling_args,
     cli,
-    default_log_dir,
-    explicit_flags,
     generate_batch,
     load_unet,
     optimize_for_sampling,
-    resolve_precision,
     run_sampling,
     sampling_defaults,
+    start_sampling_script,
 )
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -48,6 +45,7 @@ def create_argparser() -> argparse.ArgumentParser:
     add_dict_to_argparser(
         parser,
         defaults,
+        choices=SAMPLING_CHOICES,
         help=dict(
             SAMPLING_HELP,
             use_ddim="DDIM sampling (guidance on the score) instead of DDPM (guidance on the mean)",
@@ -80,18 +78,10 @@ def load_classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.
 
 def main() -> None:
     parser = create_argparser()
-    args = parser.parse_args()
-    dist_util.setup_dist()
-    device = dist_util.dev()
-    if not args.model_path:
+    if not parser.parse_args().model_path:
         raise UserError("--model_path is required for classifier guidance")
-    apply_bundled_model(args, explicit_flags(parser), model_and_diffusion_defaults())
-    check_sampling_args(args)
-    resolve_precision(args, device)
-    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
-    logger.configure(
-        dir=args.log_dir, format_strs=["stdout", "log"] if dist_util.is_main() else ["log"]
-    )
+    args = start_sampling_script(parser)
+    device = dist_util.dev()
 
     diffusion = build_diffusion(args)
     logger.log(f"loading {args.model_path} and {args.classifier_path}")

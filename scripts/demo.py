@@ -107,6 +107,8 @@ def ensure_data(data_dir: Path) -> Dict[str, Path]:
         sys_argv, sys.argv = sys.argv, ["fashion_mnist.py", "--out_dir", str(data_dir), "--no_png"]
         try:
             mod.main()
+        except Exception as e:  # the dataset script's own error: missing Debian package, ...
+            raise UserError(f"cannot prepare Fashion-MNIST in {data_dir}: {e}") from None
         finally:
             sys.argv = sys_argv
     return paths
@@ -114,6 +116,9 @@ def ensure_data(data_dir: Path) -> Dict[str, Path]:
 
 def model_args(args: argparse.Namespace) -> SimpleNamespace:
     """The flags of the bundled model (or of --model_path with the bundled flags)."""
+    for path in (args.model_path or BUNDLED_MODEL, BUNDLED_FLAGS):
+        if not Path(path).exists():
+            raise UserError(f"model not found: {path}")
     meta = json.loads(BUNDLED_FLAGS.read_text())
     flags = dict(model_and_diffusion_defaults(), **meta["flags"])
     flags.update(
@@ -126,8 +131,6 @@ def model_args(args: argparse.Namespace) -> SimpleNamespace:
         channels_last=True,
         compile=False,
     )
-    if not Path(flags["model_path"]).exists():
-        raise UserError(f"model not found: {flags['model_path']}")
     return SimpleNamespace(**flags)
 
 
@@ -233,7 +236,17 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lambdas = sorted({float(x) for x in args.lambdas.split(",")})
+    try:
+        lambdas = sorted({float(x) for x in args.lambdas.split(",")})
+    except ValueError:
+        raise UserError(
+            f"--lambdas must be comma-separated numbers, got {args.lambdas!r}"
+        ) from None
+    if 1.0 not in lambdas:
+        raise UserError("--lambdas must include 1.0 (plain ADM, the baseline of the comparison)")
+    for name in ("num_samples", "calib_samples", "eb_samples", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     data = ensure_data(Path(args.data_dir))
     margs = model_args(args)
     print(f"model: {margs.model_path} ({args.steps} steps, DDPM, {device})", flush=True)

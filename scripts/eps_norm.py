@@ -37,7 +37,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = eb.measurement_defaults(num_samples=512, batch_size=64)
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=eb.MEASUREMENT_HELP)
+    add_dict_to_argparser(parser, defaults, help=eb.measurement_help())
     return parser
 
 
@@ -90,8 +90,7 @@ def main() -> None:
         {"train": np.concatenate(train), "raw": np.concatenate(raw)},
         dist_util.all_gather_object,
     )
-    if rank == 0:
-        write_outputs(args, diffusion, rows["train"], rows["raw"])
+    dist_util.on_rank0(write_outputs, args, diffusion, rows["train"], rows["raw"])
     dist_util.cleanup()
 
 

@@ -42,7 +42,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = eb.measurement_defaults(num_samples=512, batch_size=64)
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=eb.MEASUREMENT_HELP)
+    add_dict_to_argparser(parser, defaults, help=eb.measurement_help())
     parser.add_argument(
         "--mode",
         default="consecutive",
@@ -76,8 +76,8 @@ def main() -> None:
         )
     runs = {"main": build_diffusion(args)}  # bad respacing or lambda fails here
     if args.compare_eps_scaler is not None:
-        runs["compare"] = eb.with_eps_scaler(
-            runs["main"], args.compare_eps_scaler, args.compare_eps_scaler_k
+        runs["compare"] = runs["main"].with_eps_scaler(
+            args.compare_eps_scaler, args.compare_eps_scaler_k
         )
     batches = eb.iter_data_share(
         args.data_dir,
@@ -119,13 +119,16 @@ def main() -> None:
     if bar is not None:
         bar.close()
     gathered = dist_util.all_gather_object(moments)  # every rank's moments, in rank order
-    if rank == 0:
+
+    def finish() -> None:
         curves = {}
         for name, diffusion in runs.items():
             rows = eb.merge_moments(g[name][0] for g in gathered)
             final = eb.merge_moments(g[name][1] for g in gathered)
             curves[name] = eb.delta_curve(rows, final, diffusion.alphas_cumprod)
         write_outputs(args, runs, curves)
+
+    dist_util.on_rank0(finish)
     dist_util.cleanup()
 
 

@@ -13,19 +13,16 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.sample_util import (
+    SAMPLING_CHOICES,
     SAMPLING_HELP,
-    apply_bundled_model,
     build_diffusion,
-    check_sampling_args,
     cli,
-    default_log_dir,
-    explicit_flags,
     generate_batch,
     load_unet,
     optimize_for_sampling,
-    resolve_precision,
     run_sampling,
     sampling_defaults,
+    start_sampling_script,
 )
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
@@ -34,22 +31,13 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = sampling_defaults()
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=SAMPLING_HELP)
+    add_dict_to_argparser(parser, defaults, help=SAMPLING_HELP, choices=SAMPLING_CHOICES)
     return parser
 
 
 def main() -> None:
-    parser = create_argparser()
-    args = parser.parse_args()
-    dist_util.setup_dist()
+    args = start_sampling_script(create_argparser())
     device = dist_util.dev()
-    apply_bundled_model(args, explicit_flags(parser), model_and_diffusion_defaults())
-    check_sampling_args(args)
-    resolve_precision(args, device)
-    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
-    logger.configure(
-        dir=args.log_dir, format_strs=["stdout", "log"] if dist_util.is_main() else ["log"]
-    )
 
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
     logger.log(f"loading {args.model_path}")

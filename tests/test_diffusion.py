@@ -163,16 +163,23 @@ def test_per_sample_timesteps_and_lambdas(golden_model, diffusion_npz):
 
 
 def test_unit_lambda_is_bitwise_plain_adm(golden_model, diffusion_npz):
-    """b = 1, k = 0 gives exactly the unscaled computation."""
+    """b = 1, k = 0 gives exactly the plain ADM posterior mean, written out independently."""
     x = torch.from_numpy(diffusion_npz["pmv_x_t"])
     d = make_diffusion("10", "lam1p0")
     for i in (9, 4, 0):
         t = torch.full((2,), i)
         with torch.no_grad():
-            a = d.p_mean_variance(golden_model, x, t)
-            b = d.p_mean_variance(golden_model, x, t, use_eps_scaler=False)
-        for key in ("mean", "pred_xstart", "variance"):
-            assert torch.equal(a[key], b[key])
+            out = d.p_mean_variance(golden_model, x, t)
+            eps = golden_model(x, torch.full((2,), d.timestep_map[i]))[:, :3]
+
+        def coef(arr, i=i):
+            return torch.tensor(arr[i], dtype=torch.float32)
+
+        x0 = coef(d.sqrt_recip_alphas_cumprod) * x - coef(d.sqrt_recipm1_alphas_cumprod) * eps
+        x0 = x0.clamp(-1, 1)
+        mean = coef(d.posterior_mean_coef1) * x0 + coef(d.posterior_mean_coef2) * x
+        assert torch.equal(out["pred_xstart"], x0)
+        assert torch.equal(out["mean"], mean)
 
 
 def test_lambda_changes_the_result(golden_model, diffusion_npz):
@@ -407,12 +414,22 @@ def test_training_losses_ignore_eps_scaler(golden_model, losses_npz):
 
 
 def test_input_perturbation_changes_x_t_only(golden_model, losses_npz):
+    """DDPM-IP: the network is fed q_sample(x0, t, noise + gamma * xi); the target stays noise."""
     g = losses_npz
-    d = _loss_diffusion(True)
+    d = _loss_diffusion(False)
     x0, t = torch.from_numpy(g["x_start"]), torch.from_numpy(g["t"])
     noise, xi = torch.from_numpy(g["noise"]), torch.from_numpy(g["xi"])
-    x_t = d.q_sample(x0, t, noise=noise + 0.1 * xi)
-    _close(x_t, g["hybrid_ip_x_t"], atol=1e-6)
+    seen = []
+
+    def spy(x, tt):
+        seen.append(x.clone())
+        return noise  # a perfect eps model for the unperturbed target
+
+    terms = d.training_losses(spy, x0, t, noise=noise, input_perturbation=0.1, xi=xi)
+    _close(seen[0], g["hybrid_ip_x_t"], atol=1e-6)
+    assert terms["mse"].abs().max() == 0  # the target is the noise, not noise + gamma * xi
+    d.training_losses(spy, x0, t, noise=noise, input_perturbation=0.0, xi=xi)
+    assert not torch.allclose(seen[1], seen[0])
 
 
 @pytest.mark.parametrize(

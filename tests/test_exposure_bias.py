@@ -155,15 +155,6 @@ def test_noise_and_moments_do_not_depend_on_batching(small):
     np.testing.assert_allclose(m.std(), resid.std(axis=0, ddof=1), rtol=1e-12)
 
 
-def test_with_eps_scaler_changes_only_lambda():
-    d = eb.with_eps_scaler(DIFF, 1.02, 0.001)
-    np.testing.assert_allclose(d.eps_scale, 1.02 + 0.001 * np.arange(K))
-    np.testing.assert_array_equal(d.alphas_cumprod, DIFF.alphas_cumprod)
-    assert d.timestep_map == DIFF.timestep_map and list(DIFF.eps_scale) == [1.0] * K
-    with pytest.raises(ValueError, match="must be positive"):
-        eb.with_eps_scaler(DIFF, 0.0)
-
-
 def test_find_root_1d():
     calls = []
 
@@ -437,6 +428,32 @@ def test_calibrate_script(data, tmp_path):
     i = int(np.argmin(np.abs(z["eval_b"] - info["uniform"]["b"]) + np.abs(z["eval_k"])))
     np.testing.assert_allclose(z["sample_norm_uniform"], z["eval_sample_norm"][i])
     check_png(tmp_path / "calibration.png")
+
+
+def test_calibrate_script_with_external_target_curve(data, tmp_path):
+    """--train_norm_csv: the target is another curve (here the model's own, scaled by 0.9)."""
+    run_script("eps_norm.py", [*base_args(data, tmp_path / "n"), "--num_samples", 8])
+    table = eb.read_csv(tmp_path / "n" / "eps_norm.csv")
+    table["train_norm"] = table["train_norm"] * 0.9
+    eb.write_csv(tmp_path / "target.csv", table)
+    args = [
+        *base_args(data, tmp_path / "c"),
+        "--num_samples",
+        8,
+        "--max_evals",
+        3,
+        "--max_evals_linear",
+        1,
+        "--train_norm_csv",
+        tmp_path / "target.csv",
+    ]
+    run_script("calibrate_eps_scaler.py", args)
+    info = json.loads((tmp_path / "c" / "calibration.json").read_text())
+    want = table["train_norm"][np.argsort(table["step"])]
+    np.testing.assert_allclose(info["train_norm"], want, rtol=1e-7)  # the CSV keeps 9 digits
+    bad = [*base_args(data, tmp_path / "d"), "--train_norm_csv", tmp_path / "n" / "log.txt"]
+    proc = run_script("calibrate_eps_scaler.py", bad, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
 def _one_error_line(err: str) -> str:

@@ -391,3 +391,23 @@ def test_rerun_with_other_flags_in_same_log_dir_is_refused(ckpt, tmp_path):
     line = _error(run_script("image_sample.py", [*common, "--eps_scaler", 1.01], check=False))
     assert "--eps_scaler 1.0 there vs 1.01 now" in line
     assert load_samples(tmp_path, 2)["arr_0"].shape == (2, 16, 16, 3)  # the first run is kept
+
+
+def test_rank0_only_failure_reaches_every_rank(tmp_path):
+    """A checkpoint path that rank 0 cannot read stops both ranks with the same one line."""
+    args = [
+        *TINY,
+        "--model_path",
+        tmp_path,
+        "--timestep_respacing",
+        "10",
+        "--num_samples",
+        2,
+        "--log_dir",
+        tmp_path / "out",
+    ]
+    proc = run_script("image_sample.py", args, n=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 2 and len(set(lines)) == 1, proc.stderr
+    assert "cannot read checkpoint" in lines[0] and "gloo" not in proc.stderr
