@@ -51,7 +51,7 @@ NOT_COMPARABLE = (
     "classifier (--feature_net fmnist): they rank these samples against each other and are "
     "NOT comparable with Inception-based numbers."
 )
-DEFAULT_LAMBDAS = "0.98,0.99,1.0,1.005,1.01,1.02,1.03"
+DEFAULT_LAMBDAS = "0.98,0.99,1.0,1.005,1.01,1.02,1.03,1.05"
 
 
 def create_argparser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import ROOT
 
@@ -23,8 +22,8 @@ def _fmnist_like(path, n, seed):
     np.savez(path, arr_0=img, arr_1=rng.integers(0, 10, n).astype(np.int64))
 
 
-@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled model not present")
 def test_demo_end_to_end(tmp_path):
+    assert BUNDLED.exists(), "the bundled model models/adm_fmnist32_ema.pt is part of the repo"
     data = tmp_path / "data"
     data.mkdir()
     _fmnist_like(data / "fmnist_train.npz", 64, 0)

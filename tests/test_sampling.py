@@ -411,3 +411,28 @@ def test_rank0_only_failure_reaches_every_rank(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 2 and len(set(lines)) == 1, proc.stderr
     assert "cannot read checkpoint" in lines[0] and "gloo" not in proc.stderr
+
+
+def test_no_model_path_samples_from_the_bundled_model(tmp_path):
+    """mpirun -n 1 python scripts/image_sample.py without --model_path: the bundled model."""
+    meta = json.loads((ROOT / "models" / "adm_fmnist32.json").read_text())
+    args = [
+        "--num_samples",
+        3,
+        "--batch_size",
+        3,
+        "--timestep_respacing",
+        4,
+        "--log_dir",
+        tmp_path,
+        "--use_fp16",
+        True,
+    ]
+    proc = run_script("image_sample.py", args, n=1)
+    assert "no --model_path: sampling from the bundled Fashion-MNIST" in proc.stdout
+    assert "--use_fp16 True is ignored on cpu" in proc.stderr
+    arr = load_samples(tmp_path, 3, size=meta["flags"]["image_size"])["arr_0"]
+    assert arr.shape == (3, 32, 32, 3)
+    flags = json.loads((tmp_path / "samples_3x32x32x3_flags.json").read_text())
+    assert flags["num_channels"] == meta["flags"]["num_channels"]
+    assert flags["timestep_respacing"] == "4"  # the command line wins over the bundled default
