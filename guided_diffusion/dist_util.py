@@ -8,6 +8,7 @@ without mpi4py) everything works as a single process: rank 0 of a world of size 
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import socket
@@ -231,7 +232,18 @@ def sync_params(params: Iterable[torch.Tensor]) -> None:
 
 
 def cleanup() -> None:
-    """Tear down the process group (call at the end of a script)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Tear down the process group (call at the end of a script).
+
+    Every rank leaves together: objects holding the group (a DDP reducer) are collected
+    first, and an MPI barrier after the teardown keeps rank 0, which hosts the TCP store,
+    alive until every rank has let go of it. Without this a rank could abort at exit
+    ("terminate called without an active exception") when rank 0 left first.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    comm = _mpi_comm()
+    if comm is not None and comm.Get_size() > 1:
+        comm.Barrier()
