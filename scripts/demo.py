@@ -10,15 +10,21 @@
    training images) at lambda = 1 and at the best lambda of the sweep;
 4. writes ``demo_out/``: ``report.md``, ``results.json``, sample grids and plots.
 
+Rerunning with the same settings and ``--out_dir`` resumes: the calibration and every
+sample set already written (``run.json`` records the settings they were made with) are
+reused, so an interrupted run loses at most the set it was drawing.
+
     python scripts/demo.py [--out_dir demo_out] [--steps 20] [--num_samples 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -228,6 +234,68 @@ def plot_fid_curve(path: Path, sweep: List[dict], calibrated_b: float, steps: in
     plt.close(fig)
 
 
+def run_settings(args: argparse.Namespace, margs, data: Dict[str, Path]) -> dict:
+    """What the outputs depend on; a rerun reuses earlier outputs only when these match."""
+    digest = hashlib.sha256(Path(margs.model_path).read_bytes()).hexdigest()
+    return {
+        "model_sha256": digest,
+        "data": {k: str(Path(v).resolve()) for k, v in sorted(data.items())},
+        **{
+            k: getattr(args, k)
+            for k in ("steps", "num_samples", "calib_samples", "batch_size", "seed")
+        },
+    }
+
+
+def reusable(out: Path, settings: dict) -> bool:
+    """Whether ``out`` holds outputs of a run with these settings (and records them if not)."""
+    path = out / "run.json"
+    if path.exists():
+        try:
+            if json.loads(path.read_text()) == settings:
+                return True
+        except ValueError:
+            pass
+        print(f"{path}: settings changed, starting over", flush=True)
+    write_atomic(path, json.dumps(settings, indent=1).encode())
+    return False
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_samples(path: Path, images: np.ndarray) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, arr_0=images)
+    os.replace(tmp, path)
+
+
+def load_samples(path: Path, n: int):
+    """The samples at ``path`` if it holds ``n`` of them, else None."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            images = z["arr_0"]
+    except Exception:
+        return None
+    return images if len(images) == n else None
+
+
+def calibration_from_json(d: dict) -> SimpleNamespace:
+    """The parts of a saved calibration the demo reports (see CalibrationResult.to_json)."""
+    flags = {"uniform": d["uniform"]["flags"], "linear": d["linear"]["flags"]}
+    return SimpleNamespace(
+        uniform=SimpleNamespace(b=d["uniform"]["b"]),
+        linear=SimpleNamespace(k=d["linear"]["k"], b=d["linear"]["b"]),
+        uniform_b_se=d["uniform"]["b_se"] if d["uniform"]["b_se"] is not None else math.nan,
+        flags=flags.__getitem__,
+    )
+
+
 def main() -> None:
     args = create_argparser().parse_args()
     if args.threads:
@@ -254,20 +322,27 @@ def main() -> None:
     base = build_diffusion(margs)
     timings: Dict[str, float] = {}
 
+    resume = reusable(out, run_settings(args, margs, data))
+
     # 1. calibration (closed-loop eps-norm matching on training images)
     t0 = time.time()
-    x_cal = load_images(data["train"], args.calib_samples, args.seed).to(device)
-    cal = eb.calibrate(
-        model,
-        base,
-        x_cal,
-        seeds=eb.sample_seeds(args.seed, range(len(x_cal))),
-        batch_size=args.batch_size,
-    )
+    cal_path = out / "calibration.json"
+    if resume and cal_path.exists():
+        cal = calibration_from_json(json.loads(cal_path.read_text()))
+        print(f"reusing {cal_path}", flush=True)
+    else:
+        x_cal = load_images(data["train"], args.calib_samples, args.seed).to(device)
+        cal = eb.calibrate(
+            model,
+            base,
+            x_cal,
+            seeds=eb.sample_seeds(args.seed, range(len(x_cal))),
+            batch_size=args.batch_size,
+        )
+        eb.plot_calibration(out / "calibration.png", cal)
+        write_atomic(cal_path, json.dumps(cal.to_json(), indent=1).encode())
     b_cal = float(cal.uniform.b)
     timings["calibration"] = time.time() - t0
-    (out / "calibration.json").write_text(json.dumps(cal.to_json(), indent=1))
-    eb.plot_calibration(out / "calibration.png", cal)
     print(
         f"calibrated: {cal.flags('uniform')}  |  linear: {cal.flags('linear')}  "
         f"(b +- {cal.uniform_b_se:.4f}, {timings['calibration']:.0f} s)",
@@ -296,11 +371,14 @@ def main() -> None:
     sweep = []
     points = [(lam, False) for lam in lambdas] + [(round(b_cal, 4), True)]
     for lam, calibrated in points:
-        diffusion = base.with_eps_scaler(lam)
-        images = sample_set(
-            model, diffusion, margs, args.num_samples, args.batch_size, args.seed, device
-        )
-        np.savez(out / f"samples_lambda{lam:g}.npz", arr_0=images)
+        path = out / f"samples_lambda{lam:g}.npz"
+        images = load_samples(path, args.num_samples) if resume else None
+        if images is None:
+            diffusion = base.with_eps_scaler(lam)
+            images = sample_set(
+                model, diffusion, margs, args.num_samples, args.batch_size, args.seed, device
+            )
+            save_samples(path, images)
         save_image_grid(images, out / f"grid_lambda{lam:g}.png")
         row = {"lambda": lam, **score(evaluator, ref, images)}
         if calibrated:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -82,6 +83,35 @@ def test_demo_end_to_end(tmp_path):
         assert z["arr_0"].shape == (12, 32, 32, 3) and z["arr_0"].dtype == np.uint8
     report = (out / "report.md").read_text()
     assert "| 1 |" in report and "NOT comparable" in report
+
+    # resume: a rerun with the same settings reuses the calibration and the sample sets
+    # on disk and redraws only what is missing, with the same seeds
+    with np.load(out / "samples_lambda1.02.npz") as z:
+        first_102 = z["arr_0"]
+    (out / "samples_lambda1.02.npz").unlink()  # "crashed" before this set was written
+    marker = np.zeros((12, 32, 32, 3), np.uint8)
+    np.savez(out / "samples_lambda0.99.npz", arr_0=marker)  # proves the set is reused
+    calib = (out / "calibration.json").read_text()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reusing" in proc.stdout
+    assert (out / "calibration.json").read_text() == calib
+    with np.load(out / "samples_lambda1.02.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], first_102)
+    with np.load(out / "samples_lambda0.99.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], marker)
+    r2 = json.loads((out / "results.json").read_text())
+    fid = {row["lambda"]: row["fid"] for row in r2["sweep"]}
+    assert fid[1.02] == pytest.approx({x["lambda"]: x["fid"] for x in r["sweep"]}[1.02])
+    assert fid[0.99] > 2 * max(fid[1.0], fid[1.02])  # blank images score far worse
+
+    # other settings: nothing is reused
+    cmd[cmd.index("--num_samples") + 1] = "8"
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "settings changed" in proc.stdout and "reusing" not in proc.stdout
+    with np.load(out / "samples_lambda0.99.npz") as z:
+        assert z["arr_0"].shape[0] == 8 and z["arr_0"].any()
 
 
 def test_demo_missing_model_is_one_line(tmp_path):
