@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -69,6 +69,12 @@ def create_argparser() -> argparse.ArgumentParser:
         help="where fmnist_{train,test}.npz are (made by datasets/fashion_mnist.py "
         "if missing) (default: data/fmnist)",
     )
+    p.add_argument(
+        "--fmnist_source",
+        default="",
+        help="folder of the Fashion-MNIST IDX files, used when --data_dir lacks the .npz "
+        "files (default: Debian's /usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--model_path", default="", help="checkpoint (default: the bundled model)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument(
@@ -100,23 +106,27 @@ def create_argparser() -> argparse.ArgumentParser:
     return p
 
 
-def ensure_data(data_dir: Path) -> Dict[str, Path]:
-    """The Fashion-MNIST .npz files, made from Debian's IDX files when missing."""
+def ensure_data(data_dir: Path, source: str = "") -> Dict[str, Path]:
+    """The Fashion-MNIST .npz files, made from the IDX files (Debian's) when missing.
+
+    Runs ``datasets/fashion_mnist.py`` in its own process, exactly as a user would.
+    """
     paths = {s: data_dir / f"fmnist_{s}.npz" for s in ("train", "test")}
     if not all(p.exists() for p in paths.values()):
-        spec = importlib.util.spec_from_file_location(
-            "fashion_mnist", REPO_ROOT / "datasets" / "fashion_mnist.py"
-        )
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
         print(f"preparing Fashion-MNIST in {data_dir} ...", flush=True)
-        sys_argv, sys.argv = sys.argv, ["fashion_mnist.py", "--out_dir", str(data_dir), "--no_png"]
-        try:
-            mod.main()
-        except Exception as e:  # the dataset script's own error: missing Debian package, ...
-            raise UserError(f"cannot prepare Fashion-MNIST in {data_dir}: {e}") from None
-        finally:
-            sys.argv = sys_argv
+        cmd = [
+            sys.executable,
+            str(REPO_ROOT / "datasets" / "fashion_mnist.py"),
+            "--out_dir",
+            str(data_dir),
+            "--no_png",
+        ]
+        if source:
+            cmd += ["--source", source]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["unknown error"]
+            raise UserError(f"cannot prepare Fashion-MNIST in {data_dir}: {lines[-1]}")
     return paths
 
 
@@ -315,7 +325,7 @@ def main() -> None:
     for name in ("num_samples", "calib_samples", "eb_samples", "batch_size", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    data = ensure_data(Path(args.data_dir))
+    data = ensure_data(Path(args.data_dir), args.fmnist_source)
     margs = model_args(args)
     print(f"model: {margs.model_path} ({args.steps} steps, DDPM, {device})", flush=True)
     model = optimize_for_sampling(load_unet(margs, device), margs, device)

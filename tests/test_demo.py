@@ -131,3 +131,51 @@ def test_demo_missing_model_is_one_line(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "model not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 0x08, arr.ndim]) + np.array(arr.shape, dtype=">u4").tobytes()
+    path.write_bytes(header + arr.astype(np.uint8).tobytes())
+
+
+def test_demo_prepares_missing_data_with_the_dataset_script(tmp_path):
+    """A fresh clone has no data/fmnist: the demo runs datasets/fashion_mnist.py itself
+    (in its own process, as `make demo` does), from the IDX files."""
+    src = tmp_path / "idx"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    images = {}
+    for split, n in (("train", 6), ("t10k", 4)):
+        images[split] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        _write_idx(src / f"{split}-images-idx3-ubyte", images[split])
+        _write_idx(src / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
+    data = tmp_path / "data"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "demo.py"),
+        "--data_dir",
+        str(data),
+        "--fmnist_source",
+        str(src),
+        "--model_path",
+        str(tmp_path / "missing.pt"),  # stops the demo right after the data step
+        "--out_dir",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "preparing Fashion-MNIST" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "model not found" in proc.stderr, proc.stderr
+    with np.load(data / "fmnist_train.npz") as z:
+        x = z["arr_0"]
+    assert x.shape == (6, 32, 32, 3) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[:, 2:30, 2:30, 1], images["train"])
+    assert (data / "fmnist_test.npz").exists()
+
+    # no IDX files: one line that names the problem and the fix
+    cmd[cmd.index("--fmnist_source") + 1] = str(tmp_path / "nowhere")
+    cmd[cmd.index("--data_dir") + 1] = str(tmp_path / "data2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "cannot prepare Fashion-MNIST" in proc.stderr
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
