@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -49,8 +48,10 @@ from guided_diffusion.sample_util import (
     load_unet,
     optimize_for_sampling,
     save_image_grid,
+    save_npz_atomic,
 )
 from guided_diffusion.script_util import model_and_diffusion_defaults
+from guided_diffusion.train_util import atomic_write_bytes
 
 NOT_COMPARABLE = (
     "FID/sFID/IS/precision/recall here use the features of the project's Fashion-MNIST "
@@ -267,20 +268,8 @@ def reusable(out: Path, settings: dict) -> bool:
         except ValueError:
             pass
         print(f"{path}: settings changed, starting over", flush=True)
-    write_atomic(path, json.dumps(settings, indent=1).encode())
+    atomic_write_bytes(json.dumps(settings, indent=1).encode(), str(path))
     return False
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_samples(path: Path, images: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, arr_0=images)
-    os.replace(tmp, path)
 
 
 def load_samples(path: Path, n: int):
@@ -350,7 +339,7 @@ def main() -> None:
             batch_size=args.batch_size,
         )
         eb.plot_calibration(out / "calibration.png", cal)
-        write_atomic(cal_path, json.dumps(cal.to_json(), indent=1).encode())
+        atomic_write_bytes(json.dumps(cal.to_json(), indent=1).encode(), str(cal_path))
     b_cal = float(cal.uniform.b)
     timings["calibration"] = time.time() - t0
     print(
@@ -388,7 +377,7 @@ def main() -> None:
             images = sample_set(
                 model, diffusion, margs, args.num_samples, args.batch_size, args.seed, device
             )
-            save_samples(path, images)
+            save_npz_atomic(path, arr_0=images)
         save_image_grid(images, out / f"grid_lambda{lam:g}.png")
         row = {"lambda": lam, **score(evaluator, ref, images)}
         if calibrated:
