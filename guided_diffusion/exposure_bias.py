@@ -1121,6 +1121,25 @@ def factory_from_args(args: argparse.Namespace) -> DiffusionFactory:
     return make
 
 
+def script_data_share(
+    args: argparse.Namespace, batch_size: int
+) -> Iterator[Tuple[np.ndarray, torch.Tensor, dict]]:
+    """``iter_data_share`` for a script's flags (``--data_dir``, ``--num_samples``,
+    ``--image_size``, ``--class_cond``) on this process's rank, world and device."""
+    from . import dist_util
+
+    return iter_data_share(
+        args.data_dir,
+        num_samples=args.num_samples,
+        batch_size=batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        rank=dist_util.get_rank(),
+        world=dist_util.get_world_size(),
+        device=dist_util.dev(),
+    )
+
+
 def start_script(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """``sample_util.start_sampling_script``, for eps-prediction models only."""
     from .sample_util import start_sampling_script

@@ -72,23 +72,14 @@ def main() -> None:
     if args.tol <= 0 or args.max_evals < 2 or args.max_evals_linear < 1:
         raise ValueError("need --tol > 0, --max_evals >= 2 and --max_evals_linear >= 1")
     device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    world = dist_util.get_world_size()
     build_diffusion(args)  # bad respacing fails here, before loading
     factory = eb.factory_from_args(args)
     K = factory(1.0, 0.0).num_timesteps
     bad = [i for i in exclude if not 0 <= i < K]
     if bad:
         raise ValueError(f"--exclude_steps {bad} outside the step indices 0..{K - 1}")
-    batches = eb.iter_data_share(
-        args.data_dir,
-        num_samples=args.num_samples,
-        batch_size=args.num_samples,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        rank=rank,
-        world=world,
-        device=device,
-    )
+    batches = eb.script_data_share(args, batch_size=args.num_samples)
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     idx, x0, kwargs = next(batches, (np.zeros(0, dtype=np.int64), None, {}))

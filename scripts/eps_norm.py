@@ -44,18 +44,9 @@ def create_argparser() -> argparse.ArgumentParser:
 def main() -> None:
     args = eb.start_script(create_argparser())
     device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    world = dist_util.get_world_size()
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
-    batches = eb.iter_data_share(
-        args.data_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        rank=rank,
-        world=world,
-        device=device,
-    )
+    batches = eb.script_data_share(args, batch_size=args.batch_size)
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     K = diffusion.num_timesteps

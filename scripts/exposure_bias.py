@@ -69,7 +69,7 @@ def create_argparser() -> argparse.ArgumentParser:
 def main() -> None:
     args = eb.start_script(create_argparser())
     device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    world = dist_util.get_world_size()
     if args.num_samples < 2:
         raise ValueError(
             f"--num_samples must be at least 2 for a standard deviation, got {args.num_samples}"
@@ -79,16 +79,7 @@ def main() -> None:
         runs["compare"] = runs["main"].with_eps_scaler(
             args.compare_eps_scaler, args.compare_eps_scaler_k
         )
-    batches = eb.iter_data_share(
-        args.data_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        rank=rank,
-        world=world,
-        device=device,
-    )
+    batches = eb.script_data_share(args, batch_size=args.batch_size)
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     sampler = "ddim" if args.use_ddim else "ddpm"
