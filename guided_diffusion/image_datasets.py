@@ -47,8 +47,12 @@ def load_data(
     shard: int | None = None,
     num_shards: int | None = None,
     start_batch: int = 0,
+    in_channels: int = 3,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Yield ``(batch, cond)`` forever: batch float32 [N, 3, image_size, image_size] in [-1, 1].
+    """Yield ``(batch, cond)`` forever: batch float32 [N, C, image_size, image_size] in [-1, 1].
+
+    ``C = in_channels``: 3 (RGB) or 1 (grey: the ITU-R 601 luma of PIL's "L" mode, which
+    is exact for grey images stored as three equal channels).
 
     ``cond`` is ``{"y": int64 [N]}`` when ``class_cond`` and ``{}`` otherwise.
 
@@ -93,6 +97,7 @@ def load_data(
         num_shards=num_shards,
         random_crop=random_crop,
         random_flip=random_flip,
+        in_channels=in_channels,
     )
     if start_batch < 0:
         raise DataError(f"start_batch must be non-negative: {start_batch}")
@@ -188,7 +193,7 @@ class ImageDataset(Dataset):
     ``images`` is a sequence of file paths or a uint8 array [N, H, W, 3]; this dataset holds
     items ``shard, shard + num_shards, ...``. ``dataset[i]`` draws its crop/flip from fresh
     randomness; ``dataset[(i, sample_seed)]`` draws them from ``sample_seed`` (reproducible).
-    Returns ``(float32 [3, size, size] in [-1, 1], {"y": int64} or {})``; raises
+    Returns ``(float32 [C, size, size] in [-1, 1], {"y": int64} or {})``; raises
     ``DataError`` naming the file when an image cannot be read.
     """
 
@@ -201,8 +206,12 @@ class ImageDataset(Dataset):
         num_shards: int = 1,
         random_crop: bool = False,
         random_flip: bool = True,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
+        if in_channels not in (1, 3):
+            raise DataError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
+        self.in_channels = in_channels
         self.resolution = resolution
         self.images = images[shard::num_shards]
         self.classes = None if classes is None else list(classes)[shard::num_shards]
@@ -240,9 +249,19 @@ class ImageDataset(Dataset):
             arr = center_crop_arr(self._pil_image(idx), self.resolution)
         if self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        arr = arr.astype(np.float32) / 127.5 - 1  # [H, W, 3] in [-1, 1]
+        if self.in_channels == 1:
+            arr = to_grey(arr)
+        arr = arr.astype(np.float32) / 127.5 - 1  # [H, W, C] in [-1, 1]
         out = {} if self.classes is None else {"y": np.int64(self.classes[idx])}
-        return np.transpose(arr, (2, 0, 1)), out  # [3, H, W]
+        return np.transpose(arr, (2, 0, 1)), out  # [C, H, W]
+
+
+def to_grey(arr: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> [H, W, 1]: PIL's "L" conversion (L = (19595 R + 38470 G + 7471 B
+    + 2^15) >> 16), so three equal channels v give exactly v."""
+    rgb = arr.astype(np.uint32)
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 32768) >> 16
+    return luma.astype(np.uint8)[..., None]
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:

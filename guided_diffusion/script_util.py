@@ -51,6 +51,10 @@ FLAG_HELP: Dict[str, str] = {
     "use_fp16": "run the UNet trunk in float16 (GPU only)",
     "use_bf16": "run the UNet trunk in bfloat16 (GPU only; alternative to use_fp16)",
     "use_new_attention_order": "qkv laid out as (all q, all k, all v) instead of per head",
+    "in_channels": "image channels (3: RGB, every official checkpoint; 1: grey)",
+    "class_dropout_prob": "training: replace the label by the null class num_classes with this "
+    "probability, for classifier-free guidance; > 0 adds that class's embedding row (0.0: the "
+    "official layouts)",
     "learn_sigma": "the model outputs the variance too (6 output channels)",
     "diffusion_steps": "number of diffusion steps the model was trained with",
     "noise_schedule": "beta schedule",
@@ -131,6 +135,8 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         use_fp16=False,
         use_bf16=False,
         use_new_attention_order=False,
+        in_channels=3,
+        class_dropout_prob=0.0,
     )
     res.update(diffusion_defaults())
     return res
@@ -215,6 +221,8 @@ def create_model_and_diffusion(
     eps_scaler_k=0.0,
     num_classes=NUM_CLASSES,
     use_bf16=False,
+    in_channels=3,
+    class_dropout_prob=0.0,
 ):
     """Build the UNet and its (respaced) diffusion from the flags."""
     model = create_model(
@@ -236,6 +244,8 @@ def create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
         use_bf16=use_bf16,
+        in_channels=in_channels,
+        class_dropout_prob=class_dropout_prob,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -270,17 +280,20 @@ def create_model(
     use_fp16=False,
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
-    attention_impl="sdpa",
+    attention_impl="auto",
     use_bf16=False,
+    in_channels=3,
+    class_dropout_prob=0.0,
 ) -> UNetModel:
     """Build the ADM UNet from the flags."""
     if use_fp16 and use_bf16:
         raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
+    check_class_dropout(class_dropout_prob, class_cond)
     model = UNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
+        out_channels=in_channels * (2 if learn_sigma else 1),
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_ds(attention_resolutions, image_size),
         dropout=dropout,
@@ -295,10 +308,19 @@ def create_model(
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
         attention_impl=attention_impl,
+        null_class=class_dropout_prob > 0,
     )
     if use_bf16:
         model.convert_to_fp16(torch.bfloat16)
     return model
+
+
+def check_class_dropout(class_dropout_prob: float, class_cond: bool) -> None:
+    """``--class_dropout_prob`` must lie in [0, 1) and needs ``--class_cond True``."""
+    if not 0.0 <= class_dropout_prob < 1.0:
+        raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {class_dropout_prob}")
+    if class_dropout_prob > 0 and not class_cond:
+        raise ValueError("--class_dropout_prob > 0 needs --class_cond True")
 
 
 def create_classifier_and_diffusion(
@@ -362,7 +384,7 @@ def create_classifier(
     classifier_pool,
     classifier_channel_mult="",
     num_classes=NUM_CLASSES,
-    attention_impl="sdpa",
+    attention_impl="auto",
 ) -> EncoderUNetModel:
     """Build the noisy-image classifier (the encoder half of a UNet) from the flags."""
     return EncoderUNetModel(
@@ -412,6 +434,8 @@ def sr_create_model_and_diffusion(
     eps_scaler_k=0.0,
     num_classes=NUM_CLASSES,
     use_bf16=False,
+    in_channels=3,
+    class_dropout_prob=0.0,
 ):
     """Build the super-resolution UNet (small_size -> large_size) and its diffusion."""
     model = sr_create_model(
@@ -433,6 +457,8 @@ def sr_create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
         use_bf16=use_bf16,
+        in_channels=in_channels,
+        class_dropout_prob=class_dropout_prob,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -467,18 +493,21 @@ def sr_create_model(
     use_fp16,
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
-    attention_impl="sdpa",
+    attention_impl="auto",
     use_bf16=False,
+    in_channels=3,
+    class_dropout_prob=0.0,
 ) -> SuperResModel:
     """Build the super-resolution UNet from the flags."""
     del small_size  # the low-resolution input is upsampled to large_size inside the model
     if use_fp16 and use_bf16:
         raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
+    check_class_dropout(class_dropout_prob, class_cond)
     model = SuperResModel(
         image_size=large_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
+        out_channels=in_channels * (2 if learn_sigma else 1),
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_ds(attention_resolutions, large_size),
         dropout=dropout,
@@ -493,6 +522,7 @@ def sr_create_model(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         attention_impl=attention_impl,
+        null_class=class_dropout_prob > 0,
     )
     if use_bf16:
         model.convert_to_fp16(torch.bfloat16)

@@ -74,6 +74,7 @@ TRAIN_FLAG_HELP: Dict[str, str] = {
     "compile": "torch.compile the model (checkpoints keep the plain key names)",
     "channels_last": "keep activations and weights in channels_last memory format",
     "num_workers": "data loader worker processes per rank (0 = load in the training process)",
+    "random_flip": "flip each training image horizontally with probability 1/2",
     "noised": "train the classifier on noisy images x_t at random t (else on clean x_0)",
     "iterations": "total classifier training steps",
     "anneal_lr": "anneal the classifier learning rate linearly to 0 over the iterations",
@@ -110,6 +111,7 @@ def image_train_defaults() -> Dict[str, Any]:
         compile=False,
         channels_last=False,
         num_workers=1,
+        random_flip=True,
     )
 
 
@@ -397,6 +399,8 @@ class TrainLoop:
     :param checkpoint_dir: where checkpoints go (default: the logger's folder).
     :param data_start_batch: the batch of the stream that ``data`` starts at (e.g.
         ``load_data(start_batch=resume_step)``); the loop skips only the rest.
+    :param class_dropout_prob: replace each label by the model's null class (index
+        ``num_classes``) with this probability (classifier-free guidance; Ho & Salimans 2021).
     """
 
     def __init__(
@@ -425,9 +429,16 @@ class TrainLoop:
         channels_last: bool = False,
         checkpoint_dir: Optional[str] = None,
         data_start_batch: int = 0,
+        class_dropout_prob: float = 0.0,
     ) -> None:
         if use_fp16 and use_bf16:
             raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
+        if class_dropout_prob > 0 and not getattr(model, "null_class", False):
+            raise ValueError(
+                "class_dropout_prob > 0 needs a model with a null class (built with "
+                "--class_dropout_prob > 0)"
+            )
+        self.class_dropout_prob = class_dropout_prob
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -607,6 +618,9 @@ class TrainLoop:
         t, weights = self.schedule_sampler.sample(n, batch.device)  # (N,), (N,)
         noise = torch.randn(batch.shape, device=batch.device)
         xi = torch.randn(batch.shape, device=batch.device) if self.input_perturbation else None
+        if self.class_dropout_prob > 0 and "y" in cond:
+            drop = torch.rand(n, device=batch.device) < self.class_dropout_prob  # (N,)
+            cond["y"] = torch.where(drop, self.model.num_classes, cond["y"])
         for i in range(0, n, self.microbatch):
             sl = slice(i, i + self.microbatch)
             last = i + self.microbatch >= n

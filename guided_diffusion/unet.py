@@ -26,7 +26,9 @@ from .nn import (
     zero_module,
 )
 
-ATTENTION_IMPLS = ("sdpa", "einsum")
+# "auto": fused scaled_dot_product_attention on GPUs, batched matmuls on CPUs (measured
+# faster there than SDPA's CPU kernels for ADM's head sizes; benchmarks/sample_throughput.py)
+ATTENTION_IMPLS = ("auto", "sdpa", "einsum")
 
 
 class TimestepBlock(nn.Module):
@@ -177,14 +179,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> tor
     """softmax(q^T k / sqrt(ch)) applied to v, for (B*H, ch, T) tensors; returns (B*H, ch, T).
 
     ``sdpa`` uses ``scaled_dot_product_attention`` (fused kernels); ``einsum`` is the
-    reference formulation with the softmax in float32.
+    reference formulation with the softmax in float32; ``auto`` takes ``sdpa`` on GPUs and
+    ``bmm`` (the reference math as two batched matmuls) elsewhere.
     """
+    if impl == "auto":
+        impl = "sdpa" if q.is_cuda else "bmm"
     ch = q.shape[1]
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         )  # (B*H, T, ch)
         return out.transpose(1, 2)
+    if impl == "bmm":
+        weight = torch.bmm(q.transpose(1, 2), k) * (1 / math.sqrt(ch))  # (B*H, T, S)
+        weight = torch.softmax(weight.float(), dim=-1).to(v.dtype)
+        return torch.bmm(v, weight.transpose(1, 2))  # (B*H, ch, T)
     scale = 1 / math.sqrt(math.sqrt(ch))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # (B*H, T, S)
     weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
@@ -194,7 +203,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> tor
 class QKVAttentionLegacy(nn.Module):
     """Multi-head attention on qkv laid out per head as (q, k, v) (the older checkpoints)."""
 
-    def __init__(self, n_heads: int, impl: str = "sdpa"):
+    def __init__(self, n_heads: int, impl: str = "auto"):
         super().__init__()
         self.n_heads = n_heads
         self.impl = impl
@@ -211,7 +220,7 @@ class QKVAttentionLegacy(nn.Module):
 class QKVAttention(nn.Module):
     """Multi-head attention on qkv laid out as (all q, all k, all v) (new attention order)."""
 
-    def __init__(self, n_heads: int, impl: str = "sdpa"):
+    def __init__(self, n_heads: int, impl: str = "auto"):
         super().__init__()
         self.n_heads = n_heads
         self.impl = impl
@@ -237,7 +246,7 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = -1,
         use_checkpoint: bool = False,
         use_new_attention_order: bool = False,
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.channels = channels
@@ -275,7 +284,7 @@ class AttentionPool2d(nn.Module):
         embed_dim: int,
         num_heads_channels: int,
         output_dim: Optional[int] = None,
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.positional_embedding = nn.Parameter(
@@ -440,11 +449,14 @@ class UNetModel(_HalfPrecisionMixin, nn.Module):
     :param attention_resolutions: downsampling factors (1, 2, 4, ...) that get attention.
     :param channel_mult: channel multiplier per resolution.
     :param num_classes: if set, the model is class-conditional with this many classes.
+    :param null_class: add the label ``num_classes`` ("no label"), one more embedding row,
+        for classifier-free guidance (``--class_dropout_prob``).
     :param use_fp16: run the trunk in float16.
     :param num_heads / num_head_channels: attention heads (a fixed channel width per head
         overrides the head count when ``num_head_channels != -1``).
     :param num_heads_upsample: heads in the upsampling path (-1: same as ``num_heads``).
-    :param attention_impl: ``sdpa`` (fused, default) or ``einsum`` (reference math).
+    :param attention_impl: ``auto`` (default: ``sdpa`` on GPUs, batched matmuls on CPUs),
+        ``sdpa`` (fused) or ``einsum`` (reference math).
     """
 
     def __init__(
@@ -468,10 +480,13 @@ class UNetModel(_HalfPrecisionMixin, nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
+        null_class: bool = False,
     ):
         super().__init__()
         attention_impl = _parse_attention_impl(attention_impl)
+        if null_class and num_classes is None:
+            raise ValueError("null_class needs a class-conditional model (num_classes)")
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size = image_size
@@ -484,6 +499,7 @@ class UNetModel(_HalfPrecisionMixin, nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.num_classes = num_classes
+        self.null_class = null_class
         self.use_checkpoint = use_checkpoint
         self.dtype = torch.float32
         self.num_heads = num_heads
@@ -497,7 +513,7 @@ class UNetModel(_HalfPrecisionMixin, nn.Module):
             linear(time_embed_dim, time_embed_dim),
         )
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            self.label_emb = nn.Embedding(num_classes + int(null_class), time_embed_dim)
 
         skip_chans, ch, ds = _build_encoder(
             self,
@@ -638,7 +654,7 @@ class EncoderUNetModel(_HalfPrecisionMixin, nn.Module):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         pool: str = "adaptive",
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
     ):
         super().__init__()
         attention_impl = _parse_attention_impl(attention_impl)

@@ -69,6 +69,8 @@ def main() -> None:
         seed=args.seed,
         num_workers=args.num_workers,
         start_batch=resume_step_of(args.resume_checkpoint),
+        in_channels=args.in_channels,
+        random_flip=args.random_flip,
     )
 
     logger.log("training...")
@@ -95,6 +97,7 @@ def main() -> None:
         use_bf16=args.use_bf16,
         compile=args.compile,
         channels_last=args.channels_last,
+        class_dropout_prob=args.class_dropout_prob,
     ).run_loop()
     logger.log("training done")
     dist_util.cleanup()
