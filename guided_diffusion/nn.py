@@ -124,3 +124,17 @@ def checkpoint(
     if flag and torch.is_grad_enabled():
         return _torch_checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+class CheckpointFunction:
+    """The original's checkpoint interface: ``CheckpointFunction.apply(func, n, *inputs, *params)``.
+
+    Runs ``func`` on the first ``n`` arguments without keeping its activations and recomputes
+    them in the backward pass; gradients reach the inputs and every parameter ``func`` uses
+    (the trailing ``params`` are accepted for compatibility: torch's non-reentrant checkpoint
+    tracks them itself, and also restores the RNG state so dropout recomputes identically).
+    """
+
+    @staticmethod
+    def apply(run_function: Callable, length: int, *args: torch.Tensor):
+        return _torch_checkpoint(run_function, *args[:length], use_reentrant=False)
