@@ -11,7 +11,6 @@ setup(
         "torch>=2.0",
         "numpy",
         "scipy",
-        "mpi4py",
         "blobfile",
         "Pillow",
         "opencv-python-headless",
@@ -19,7 +18,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "mpich"],
+        # mpirun support (torchrun needs nothing extra): mpi4py and an MPI (MPICH wheels).
+        # On a cluster with its own MPI, `pip install mpi4py` builds against that instead.
+        "mpi": ["mpi4py", "mpich"],
+        # the test suite runs both launchers
+        "dev": ["pytest", "ruff", "mpi4py", "mpich"],
         "lsun": ["lmdb"],
     },
 )

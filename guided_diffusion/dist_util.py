@@ -1,9 +1,21 @@
 """Distributed helpers: every piece of multi-process code in the project lives here.
 
-Processes are started by ``mpirun -n N`` (or not at all). ``setup_dist`` reads the rank and
-world size from MPI (mpi4py), picks one GPU per *local* rank (ranks that share a node), and
-initialises ``torch.distributed`` with NCCL on GPUs or gloo on CPUs. Without ``mpirun`` (or
-without mpi4py) everything works as a single process: rank 0 of a world of size 1.
+A script can be started three ways; ``setup_dist`` tells them apart by the environment the
+launcher leaves (``launcher()``):
+
+- ``torchrun --nproc_per_node N`` (also multi-node, or any launcher that sets torch's
+  ``env://`` variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+  ``MASTER_PORT``): rank, world size and local rank come from those variables;
+- ``mpirun -n N`` (``OMPI_COMM_WORLD_SIZE``: Open MPI; ``PMI_SIZE``: MPICH/hydra, Intel MPI,
+  ``srun --mpi=pmi2``; ``PMIX_RANK``: PMIx launchers): they come from MPI through mpi4py,
+  which is imported only then (an optional dependency: ``pip install -e ".[mpi]"``), and
+  rank 0 broadcasts the address of the process group over MPI;
+- no launcher: rank 0 of a world of size 1, no process group, no MPI.
+
+Each process takes the GPU of its *local* rank (its index among the processes on its
+node, modulo the GPUs there) and joins ``torch.distributed`` with NCCL on GPUs or gloo on
+CPUs. A world of size 1 (``mpirun -n 1``, ``torchrun --nproc_per_node 1``) needs neither a
+process group nor mpi4py.
 """
 
 from __future__ import annotations
@@ -12,50 +24,113 @@ import gc
 import io
 import os
 import socket
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 
+# Variables that mark a process started by an MPI launcher (any one of them).
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+# torch's env:// rendezvous variables, as torchrun sets them.
+TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 _DEVICE: torch.device | None = None
+_LOCAL_RANK = 0
+_MPI_COMM: Any = None  # the MPI world communicator, on the MPI path of a multi-process job
 
 
-def _mpi_comm():
-    """The MPI world communicator, or None when mpi4py/MPI is unavailable."""
+class LaunchError(ValueError):
+    """The launcher's environment cannot start this job (scripts print it as one line).
+
+    Raised for incomplete or inconsistent torchrun variables, and for a job started by
+    ``mpirun`` with more than one process when mpi4py cannot be imported.
+    """
+
+
+def launcher(environ: Mapping[str, str] | None = None) -> str:
+    """How this process was started: ``"torchrun"``, ``"mpi"`` or ``"none"``.
+
+    ``"torchrun"`` when ``RANK`` or ``WORLD_SIZE`` is set (torchrun, or any launcher using
+    torch's ``env://`` variables; they win over MPI variables inherited from an outer
+    ``srun``/``mpirun``), ``"mpi"`` when one of ``MPI_ENV`` is set, else ``"none"``.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return "torchrun"
+    if any(k in env for k in MPI_ENV):
+        return "mpi"
+    return "none"
+
+
+def _torch_world(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torch's env:// variables, checked."""
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", 0 if world == 1 else ""))
+    except (KeyError, ValueError):
+        got = " ".join(f"{k}={env.get(k, '(unset)')}" for k in TORCH_ENV)
+        raise LaunchError(
+            f"incomplete torchrun environment ({got}): RANK, WORLD_SIZE and LOCAL_RANK must "
+            "be integers; launch with torchrun --nproc_per_node N"
+        ) from None
+    if not 0 <= rank < world or local_rank < 0:
+        raise LaunchError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world}")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(k)]
+    if missing:
+        raise LaunchError(
+            f"{' and '.join(missing)} not set for a world of {world} processes: launch with "
+            "torchrun (--master_addr/--master_port for multi-node jobs)"
+        )
+    return rank, world, local_rank
+
+
+def _mpi_world(env: Mapping[str, str]) -> tuple[int, int, int, Any]:
+    """(rank, world_size, local_rank, communicator) of a job started by an MPI launcher.
+
+    A world of size 1 (known from ``OMPI_COMM_WORLD_SIZE``/``PMI_SIZE``) needs no MPI and
+    returns no communicator. Otherwise mpi4py must import; if it cannot, ``LaunchError``
+    says how to install MPI support or to launch with torchrun instead.
+    """
+    size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
+    if size == "1":
+        return 0, 1, 0, None
     try:
         from mpi4py import MPI
-    except Exception:  # pragma: no cover - depends on the installation
-        return None
-    return MPI.COMM_WORLD
-
-
-def _mpi_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from MPI, or (0, 1, 0) for a single process."""
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
-        # Not started by mpirun: avoid initialising MPI at all (faster, and works without MPI).
-        return 0, 1, 0
-    comm = _mpi_comm()
-    if comm is None:
-        return 0, 1, 0
-    from mpi4py import MPI
-
+    except Exception as e:  # ImportError, or mpi4py built against a missing MPI library
+        n = size or "N"
+        raise LaunchError(
+            f"started by mpirun with {n} processes, but mpi4py cannot be imported ({e}): "
+            f"install MPI support with 'pip install mpi4py mpich' (or pip install -e "
+            f"'.[mpi]'), or launch with 'torchrun --nproc_per_node {n}' instead"
+        ) from None
+    comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank = local.Get_rank()
     local.Free()
-    return comm.Get_rank(), comm.Get_size(), local_rank
+    return comm.Get_rank(), comm.Get_size(), local_rank, comm
 
 
 def setup_dist(backend: str | None = None) -> None:
     """Initialise ``torch.distributed`` for this process (idempotent).
 
-    The world comes from MPI when started by ``mpirun``. Rank 0 picks a free TCP port and
-    broadcasts it over MPI. ``backend`` defaults to ``nccl`` when CUDA is available and
-    ``gloo`` otherwise. The device is ``cuda:local_rank % num_gpus``.
+    The world comes from the launcher (see the module docstring). Under torchrun the
+    process group uses its ``env://`` rendezvous (``MASTER_ADDR``/``MASTER_PORT``); under
+    MPI rank 0 picks a free TCP port and broadcasts its address and port over MPI.
+    ``backend`` defaults to ``nccl`` when CUDA is available and ``gloo`` otherwise. The
+    device is ``cuda:local_rank % num_gpus``. A world of size 1 gets no process group.
+    Raises ``LaunchError`` when the launcher's environment cannot start the job.
     """
-    global _DEVICE
+    global _DEVICE, _LOCAL_RANK, _MPI_COMM
     if dist.is_initialized():
         return
-    rank, world, local_rank = _mpi_world()
+    how, comm = launcher(), None
+    if how == "torchrun":
+        rank, world, local_rank = _torch_world(os.environ)
+    elif how == "mpi":
+        rank, world, local_rank, comm = _mpi_world(os.environ)
+    else:
+        rank, world, local_rank = 0, 1, 0
+    _LOCAL_RANK = local_rank
     if torch.cuda.is_available():
         _DEVICE = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(_DEVICE)
@@ -64,17 +139,17 @@ def setup_dist(backend: str | None = None) -> None:
     if world == 1:
         return  # a single process needs no process group
     backend = backend or ("nccl" if _DEVICE.type == "cuda" else "gloo")
-    comm = _mpi_comm()
-    hostname = "localhost" if comm.Get_size() == 1 else socket.gethostbyname(socket.getfqdn())
-    master_addr = comm.bcast(hostname, root=0)
-    port = comm.bcast(_find_free_port() if rank == 0 else None, root=0)
-    os.environ["MASTER_ADDR"] = master_addr
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(world)
-    os.environ["LOCAL_RANK"] = str(local_rank)
     kwargs = {"device_id": _DEVICE} if backend == "nccl" else {}
-    dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    if comm is None:
+        init_method = "env://"
+    else:
+        host = comm.bcast(socket.gethostbyname(socket.getfqdn()) if rank == 0 else None, root=0)
+        port = comm.bcast(_find_free_port() if rank == 0 else None, root=0)
+        init_method = f"tcp://{host}:{port}"
+        _MPI_COMM = comm
+    dist.init_process_group(
+        backend=backend, init_method=init_method, rank=rank, world_size=world, **kwargs
+    )
 
 
 def _find_free_port() -> int:
@@ -99,6 +174,15 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes; 1 when torch.distributed is not initialised."""
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """Rank of this process among those on its node (it picks ``cuda:local_rank % num_gpus``).
+
+    Set by ``setup_dist`` from ``LOCAL_RANK`` (torchrun) or MPI's shared-memory split; 0
+    before ``setup_dist`` and in a single process.
+    """
+    return _LOCAL_RANK
 
 
 def is_main() -> bool:
@@ -154,8 +238,9 @@ def on_rank0(
 
     Every rank must call this. Without it, an exception on rank 0 alone (a missing file,
     a full disk) leaves the other ranks waiting in the next collective. Rank 0 re-raises
-    the original exception; the others raise the same type with the same message when it
-    can be rebuilt from the message, else ``RankZeroError``.
+    the original exception; the others raise the same type with the same message (an
+    ``OSError`` with the same ``errno``, ``strerror`` and ``filename``) when it can be
+    rebuilt, else ``RankZeroError``.
     """
     result, error = None, None
     if get_rank() == 0:
@@ -173,25 +258,33 @@ def on_rank0(
         return result
     if error is not None:
         raise error
-    cls, message = described
+    cls, ctor_args = described
     try:
-        rebuilt = cls(message)
+        rebuilt = cls(*ctor_args)
     except Exception:
-        rebuilt = RankZeroError(message)
+        rebuilt = RankZeroError(" ".join(map(str, ctor_args)))
     raise rebuilt
 
 
 def _describe(error: Exception | None):
-    """(exception class, message) if the class is picklable by reference, else RankZeroError."""
+    """(exception class, constructor arguments) that rebuild ``error`` on another rank.
+
+    The class travels by reference when it is a builtin or one of the project's, else
+    the error becomes a ``RankZeroError`` naming it. An ``OSError`` keeps its ``errno``,
+    ``strerror`` and ``filename``; any other error keeps its message.
+    """
     if error is None:
         return None
     cls = type(error)
     message = str(error.args[0]) if len(error.args) == 1 else str(error)
-    if cls.__module__ == "builtins" or cls.__module__.startswith(
-        ("guided_diffusion", "evaluations")
+    if not (
+        cls.__module__ == "builtins"
+        or cls.__module__.startswith(("guided_diffusion", "evaluations"))
     ):
-        return cls, message
-    return RankZeroError, f"{cls.__name__}: {message}"
+        return RankZeroError, (f"{cls.__name__}: {message}",)
+    if isinstance(error, OSError) and error.errno is not None:
+        return cls, (error.errno, error.strerror, error.filename)
+    return cls, (message,)
 
 
 def load_state_dict(path: str, **kwargs: Any) -> dict:
@@ -235,15 +328,17 @@ def cleanup() -> None:
     """Tear down the process group (call at the end of a script).
 
     Every rank leaves together: objects holding the group (a DDP reducer) are collected
-    first, and an MPI barrier after the teardown keeps rank 0, which hosts the TCP store,
-    alive until every rank has let go of it. Without this a rank could abort at exit
-    ("terminate called without an active exception") when rank 0 left first.
+    first; under MPI, an MPI barrier after the teardown keeps rank 0, which hosts the TCP
+    store, alive until every rank has let go of it. Without this a rank could abort at exit
+    ("terminate called without an active exception") when rank 0 left first. (Under
+    torchrun the store lives in torchrun's agent, not in rank 0.)
     """
+    global _MPI_COMM
     if not dist.is_initialized():
         return
     dist.barrier()
     gc.collect()
     dist.destroy_process_group()
-    comm = _mpi_comm()
-    if comm is not None and comm.Get_size() > 1:
-        comm.Barrier()
+    if _MPI_COMM is not None:
+        _MPI_COMM.Barrier()
+        _MPI_COMM = None
