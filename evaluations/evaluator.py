@@ -7,8 +7,9 @@ TensorFlow::
 
 prints the original's lines (``Inception Score: ...``, ``FID: ...``, ``sFID: ...``,
 ``Precision: ...``, ``Recall: ...``). Both files hold ``arr_0``, uint8 (or float in
-[0, 255]) images [N, H, W, 3] of any size; ``arr_0`` is streamed from the ``.npz`` in
-chunks, so it never has to fit in memory. A reference batch that also holds ``mu``,
+[0, 255]; [0, 1] with ``--float_range 0-1``) images [N, H, W, 3] of any size (grey images
+as three equal channels); ``arr_0`` is streamed from the ``.npz`` in chunks, so it never has
+to fit in memory. A reference batch that also holds ``mu``,
 ``sigma``, ``mu_s`` and ``sigma_s`` (OpenAI's ImageNet batches) supplies its FID/sFID
 statistics; its ``arr_0`` is still read for precision/recall.
 
@@ -20,6 +21,11 @@ The math follows the original exactly (``tests/fixtures/README.md`` section 7):
 - precision/recall: the k-NN manifold estimator of Kynkaanniemi et al. (2019), k = 3, with
   squared distances computed in float16 first and in float32 only when not finite.
 
+In Python, :meth:`Evaluator.reference` / :meth:`Evaluator.read_reference` give a
+:class:`Reference` and :meth:`Evaluator.score` the five numbers of an image array against it
+(:class:`Scores`, with the sample activations); :func:`paired_bootstrap_fid` gives a
+bootstrap interval of the FID difference of two sample sets drawn from the same seeds.
+
 Bad inputs raise :class:`EvaluatorError`; the CLI prints one ``error: ...`` line and exits 2.
 """
 
@@ -28,15 +34,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 import warnings
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,6 +56,7 @@ if __package__ in (None, ""):  # run as a script: make the `evaluations` package
 
 from evaluations import EvaluatorError  # noqa: E402
 from evaluations.inception import load_inception  # noqa: E402
+from guided_diffusion import io_util  # noqa: E402
 
 FEATURE_NETS = ("inception", "fmnist")
 DEFAULT_FMNIST_PATH = Path(__file__).resolve().parents[1] / "models" / "fmnist_classifier.pt"
@@ -60,6 +66,8 @@ FMNIST_NOTE = (
 )
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 CACHE_FORMAT = 1
+# --float_range: the value range of float images -> the factor that maps it to [0, 255]
+FLOAT_RANGES = {"0-255": 1.0, "0-1": 255.0}
 
 # ---------------------------------------------------------------------------------------
 # Frechet distance and Inception Score.
@@ -143,6 +151,128 @@ def inception_score_from_preds(preds: np.ndarray, split_size: int = 5000) -> flo
         kl = np.where(part > 0, kl, np.float32(0))
         scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
     return float(np.mean(scores))
+
+
+# ---------------------------------------------------------------------------------------
+# Bootstrap intervals of FID differences.
+# ---------------------------------------------------------------------------------------
+
+
+def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (by ``eigh``)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+class FixedReferenceFID:
+    """FID of many Gaussians against one reference, with one symmetric eigensolve each.
+
+    With ``R = S_r^(1/2)`` (computed once), ``S_r S`` is similar to the symmetric
+    ``R S R``, so ``tr((S_r S)^(1/2)) = sum_i sqrt(l_i)`` over the eigenvalues ``l_i`` of
+    ``R S R`` and ``FID = |mu - mu_r|^2 + tr(S) + tr(S_r) - 2 sum_i sqrt(l_i)``: the number
+    :meth:`FIDStatistics.frechet_distance` gives for a non-singular product, without a
+    general ``sqrtm``. Arguments may be stacked: ``mu [..., D]``, ``sigma [..., D, D]``.
+    """
+
+    def __init__(self, ref: FIDStatistics) -> None:
+        self.mu = np.atleast_1d(np.asarray(ref.mu, dtype=np.float64))
+        sigma = np.atleast_2d(np.asarray(ref.sigma, dtype=np.float64))
+        self.root = _sqrt_psd(sigma)  # (D, D)
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        rotated = self.root @ sigma @ self.root  # (..., D, D)
+        return self.from_rotated(mu, np.trace(sigma, axis1=-2, axis2=-1), rotated)
+
+    def from_rotated(
+        self, mu: np.ndarray, trace_sigma: np.ndarray, rotated: np.ndarray
+    ) -> np.ndarray:
+        """FID from ``mu [..., D]``, ``tr(S) [...]`` and ``R S R [..., D, D]``."""
+        eig = np.linalg.eigvalsh(rotated)  # (..., D), reads the lower triangle
+        diff = mu - self.mu
+        tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum(-1)
+        return np.sum(diff * diff, -1) + trace_sigma + self.trace - 2 * tr_sqrt
+
+
+def paired_bootstrap_fid(
+    ref: FIDStatistics,
+    acts_a: np.ndarray,
+    acts_b: np.ndarray,
+    num_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Dict[str, Any]:
+    """FID(a), FID(b) and a paired bootstrap interval of FID(a) - FID(b) against ``ref``.
+
+    Row i of ``acts_a`` and of ``acts_b`` must come from the same seed (e.g. samples at two
+    ``--eps_scaler`` values from the same noise). Each of ``num_boot`` resamples draws N
+    row indices with replacement and uses the same draw for both sets, so noise the two
+    share cancels in the difference; the reference is held fixed. The interval is the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` percentiles of the resampled differences
+    (percentile interval; Efron & Tibshirani 1993, ch. 13). Point estimates are
+    :meth:`FIDStatistics.frechet_distance` of the full sets; resamples use
+    :class:`FixedReferenceFID`. A resample repeats rows, so its FID is biased upwards
+    (by about the same amount for both sets, which cancels in the difference): per set
+    only the bootstrap standard errors are reported, not intervals. Where the samples'
+    distribution equals the reference's (true FID 0, a degenerate point of the FID) the
+    interval is conservative; for samples that differ from the reference, as a model's
+    do, its coverage is the stated level (``tests/test_evaluator.py``).
+
+    Returns ``fid_a``, ``fid_b``, ``diff`` (``fid_a - fid_b``), ``diff_interval``
+    (``[low, high]``), ``diff_std``, ``fid_a_std``, ``fid_b_std`` (bootstrap standard
+    errors), ``level``, ``num_boot``, ``num_samples`` and ``seed``.
+    """
+    a = np.asarray(acts_a, dtype=np.float64)
+    b = np.asarray(acts_b, dtype=np.float64)
+    dim = np.atleast_1d(ref.mu).shape[0]
+    if a.ndim != 2 or a.shape != b.shape or a.shape[1] != dim:
+        raise EvaluatorError(
+            f"paired bootstrap needs two activation arrays [N, {dim}] of one shape (row i of "
+            f"both from the same seed), got {a.shape} and {b.shape}"
+        )
+    n = len(a)
+    if n < 2 or num_boot < 2 or not 0 < level < 1:
+        raise EvaluatorError(
+            "paired bootstrap needs at least 2 samples, num_boot >= 2 and 0 < level < 1; "
+            f"got {n}, {num_boot}, {level}"
+        )
+    # point estimates exactly as the evaluator computes them (mean in the input dtype)
+    point = [
+        FIDStatistics(np.mean(x, axis=0), np.cov(x, rowvar=False)).frechet_distance(ref)
+        for x in (np.asarray(acts_a), np.asarray(acts_b))
+    ]
+    fid = FixedReferenceFID(ref)
+    sets = []
+    for x in (a, b):
+        centred = x - x.mean(0)  # moments of a resample from centred rows: numerically stable
+        sets.append((x.mean(0), centred, centred @ fid.root, np.sum(centred * centred, 1)))
+    rng = np.random.default_rng(seed)
+    boot = np.empty((2, num_boot))
+    for r in range(num_boot):
+        counts = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+        for k, (mean, centred, rotated, sq_norms) in enumerate(sets):
+            shift = counts @ centred / n  # (D,) resample mean - full mean
+            weighted = rotated * np.sqrt(counts)[:, None]  # (N, D)
+            scatter = weighted.T @ weighted  # (D, D) = R (sum_i c_i x_i x_i^T) R
+            r_shift = shift @ fid.root
+            rsr = (scatter - n * np.outer(r_shift, r_shift)) / (n - 1)  # R S* R
+            trace = (counts @ sq_norms - n * shift @ shift) / (n - 1)  # tr(S*)
+            boot[k, r] = fid.from_rotated(mean + shift, trace, rsr)
+    diffs = boot[0] - boot[1]
+    q = [(1 - level) / 2, (1 + level) / 2]
+    return {
+        "fid_a": float(point[0]),
+        "fid_b": float(point[1]),
+        "diff": float(point[0] - point[1]),
+        "diff_interval": [float(v) for v in np.quantile(diffs, q)],
+        "diff_std": float(np.std(diffs, ddof=1)),
+        "fid_a_std": float(np.std(boot[0], ddof=1)),
+        "fid_b_std": float(np.std(boot[1], ddof=1)),
+        "level": float(level),
+        "num_boot": int(num_boot),
+        "num_samples": int(n),
+        "seed": int(seed),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,13 +544,19 @@ class NpzArrayReader:
 def open_image_batch(path: str, min_images: int = 1) -> NpzArrayReader:
     """Open ``arr_0`` of ``path`` and check it is an image batch [N, H, W, 3].
 
-    Accepts uint8, or floating point with values in [0, 255]; needs ``min_images`` rows.
+    Accepts uint8, or floating point (its values are checked as it streams, see
+    :class:`ValueRange`); needs ``min_images`` rows.
     """
     reader = NpzArrayReader(path, "arr_0")
     shape, dtype = reader.shape, reader.dtype
     problem = None
     if dtype != np.uint8 and not (dtype.kind == "f" and dtype.itemsize <= 8):
         problem = f"arr_0 has dtype {dtype}; expected uint8 (or float in [0, 255])"
+    elif len(shape) in (3, 4) and (len(shape) == 3 or shape[3] == 1):
+        problem = (
+            f"arr_0 has shape {shape}; expected images [N, H, W, 3]: store grey images as "
+            "three equal channels (np.repeat(x[..., None] if x.ndim == 3 else x, 3, axis=3))"
+        )
     elif len(shape) != 4 or shape[3] != 3 or shape[1] < 1 or shape[2] < 1:
         problem = f"arr_0 has shape {shape}; expected images [N, H, W, 3]"
     elif shape[0] < min_images:
@@ -431,16 +567,76 @@ def open_image_batch(path: str, min_images: int = 1) -> NpzArrayReader:
     return reader
 
 
-def _checked_batches(reader: NpzArrayReader, chunk_rows: int) -> Iterator[np.ndarray]:
-    """Row chunks of an image batch; float chunks must be finite."""
-    start = 0
-    for batch in reader.read_batches(chunk_rows):
-        if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+class ValueRange:
+    """Running min/max of image chunks: refuses NaN/inf and floats outside the expected range.
+
+    uint8 images always fit. Float images must lie in [0, 255] (``float_range="0-255"``,
+    the original's convention) or in [0, 1] (``"0-1"``, scaled by 255 before the network).
+    With ``"0-255"`` a whole array inside [0, 1] is refused too: it would be scored as
+    near-black images without complaint (FID in the hundreds, precision 0). ``update``
+    raises as soon as a chunk leaves the range; ``check(final=True)`` after the last chunk.
+    Messages are one line naming ``source``, the range found and the fix.
+    """
+
+    def __init__(self, source: str, float_range: str = "0-255") -> None:
+        if float_range not in FLOAT_RANGES:
+            raise EvaluatorError(f"float_range must be one of {sorted(FLOAT_RANGES)}")
+        self.source = source
+        self.float_range = float_range
+        self.lo, self.hi = np.inf, -np.inf
+        self.rows = 0
+        self.is_float = False
+
+    def update(self, chunk: np.ndarray, check: bool = True) -> None:
+        """Add a chunk [B, H, W, 3]; with ``check``, raise at once if the range is left."""
+        start, self.rows = self.rows, self.rows + len(chunk)
+        if chunk.dtype.kind != "f" or chunk.size == 0:
+            return
+        self.is_float = True
+        lo, hi = float(chunk.min()), float(chunk.max())  # NaN propagates; inf shows as inf
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             raise EvaluatorError(
-                f"{reader.path}: arr_0 contains NaN or inf (rows {start}..{start + len(batch) - 1})"
+                f"{self.source}: arr_0 contains NaN or inf (rows {start}..{self.rows - 1})"
             )
-        start += len(batch)
-        yield batch
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if check:
+            self.check(final=False)
+
+    def check(self, final: bool = True) -> None:
+        """Raise if the values seen so far are out of range (``final``: also a [0, 1] array
+        when [0, 255] is expected)."""
+        if not self.is_float:
+            return
+        found = f"{self.source}: float images in [{self.lo:.2f}, {self.hi:.2f}]"
+        if self.float_range == "0-1":
+            if self.lo < 0 or self.hi > 1:
+                raise EvaluatorError(
+                    f"{found}; --float_range 0-1 expects floats in [0, 1] (uint8 or floats in "
+                    "[0, 255] need the default --float_range 0-255)"
+                )
+            return
+        expected = "the evaluator expects uint8 or floats in [0, 255]"
+        if self.lo >= -1 and self.hi <= 1 and self.lo < 0:
+            raise EvaluatorError(f"{found}; {expected}: map [-1, 1] with (x + 1) * 127.5")
+        if self.lo < 0 or self.hi > 255:
+            raise EvaluatorError(f"{found}; {expected}: clip or rescale the images")
+        if final and self.hi <= 1:
+            raise EvaluatorError(
+                f"{found}; {expected}: multiply by 255 (or pass --float_range 0-1)"
+            )
+
+
+def check_float_values(path: str, source: str, float_range: str = "0-255") -> None:
+    """Scan a float ``arr_0`` of ``path`` once for :class:`ValueRange` (fail fast before the
+    network runs); uint8 batches need no scan."""
+    with open_image_batch(path) as reader:
+        if reader.dtype.kind != "f":
+            return
+        values = ValueRange(source, float_range)
+        row_bytes = max(1, int(np.prod(reader.shape[1:])) * reader.dtype.itemsize)
+        for chunk in reader.read_batches(max(1, 2**26 // row_bytes)):  # ~64 MB per chunk
+            values.update(chunk, check=False)
+        values.check(final=True)
 
 
 def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -514,11 +710,43 @@ def load_feature_net(
     raise EvaluatorError(f"unknown feature net {name!r}; choose from {FEATURE_NETS}")
 
 
+@dataclass
+class Reference:
+    """What samples are scored against: the reference pool activations [N, P] (for
+    precision/recall) and the pool and spatial statistics (FID, sFID)."""
+
+    pool: np.ndarray
+    stats: FIDStatistics
+    stats_spatial: FIDStatistics
+    source: str = "computed"  # "computed", "ref_batch" (precomputed mu/sigma) or "cache"
+
+
+@dataclass
+class Scores:
+    """The evaluator's five numbers for one sample set, and its pool activations [N, P]
+    (the input of :func:`paired_bootstrap_fid`)."""
+
+    inception_score: float
+    fid: float
+    sfid: float
+    precision: float
+    recall: float
+    pool: np.ndarray
+
+    def as_dict(self) -> Dict[str, float]:
+        """The five numbers, keyed as in the CLI's ``--json``."""
+        keys = ("inception_score", "fid", "sfid", "precision", "recall")
+        return {k: float(getattr(self, k)) for k in keys}
+
+
 class Evaluator:
     """Computes activations and metrics with a feature network (the original's ``Evaluator``).
 
     Activations are pairs ``(pool [N, P], spatial [N, S])`` of float32 numpy arrays
-    (``pool_3`` and ``mixed_6/conv`` for Inception).
+    (``pool_3`` and ``mixed_6/conv`` for Inception). Images are uint8 [N, H, W, 3] or float
+    in ``float_range`` (``"0-255"``, or ``"0-1"`` scaled by 255), checked by
+    :class:`ValueRange`. Scripts compose :meth:`reference` (or :meth:`read_reference`) and
+    :meth:`score`.
     """
 
     def __init__(
@@ -528,12 +756,16 @@ class Evaluator:
         softmax_batch_size: int = 512,
         device: Optional[str] = None,
         progress: bool = True,
+        float_range: str = "0-255",
     ) -> None:
+        if float_range not in FLOAT_RANGES:
+            raise EvaluatorError(f"float_range must be one of {sorted(FLOAT_RANGES)}")
         self.device = torch.device(device or default_device())
         self.net = feature_net.to(self.device).eval()
         self.batch_size = batch_size
         self.softmax_batch_size = softmax_batch_size
         self.progress = progress
+        self.float_range = float_range
         self.manifold_estimator = ManifoldEstimator(DistanceBlock(str(self.device)))
 
     def warmup(self) -> None:
@@ -547,26 +779,93 @@ class Evaluator:
     def read_activations(self, npz_path: str) -> Tuple[np.ndarray, np.ndarray]:
         """Activations of the images in ``arr_0`` of ``npz_path``, streamed in batches."""
         with open_image_batch(npz_path) as reader:
-            batches = _prefetch(_checked_batches(reader, self.batch_size))
-            return self.compute_activations(batches, total=len(reader))
+            batches = _prefetch(reader.read_batches(self.batch_size))
+            return self.compute_activations(batches, total=len(reader), source=npz_path)
 
     def compute_activations(
-        self, batches: Iterable[np.ndarray], total: Optional[int] = None
+        self, batches: Iterable[np.ndarray], total: Optional[int] = None, source: str = "images"
     ) -> Tuple[np.ndarray, np.ndarray]:
-        """Activations of image batches [B, H, W, 3] (uint8 or float in [0, 255])."""
+        """Activations of image batches [B, H, W, 3] (uint8, or float in ``float_range``).
+
+        Values are checked by :class:`ValueRange` as the batches pass (``source`` names
+        them in errors).
+        """
+        values = ValueRange(source, self.float_range)
+        scale = FLOAT_RANGES[self.float_range]
         pools: List[np.ndarray] = []
         spatials: List[np.ndarray] = []
         bar = tqdm(total=total, unit="img", disable=not self.progress, dynamic_ncols=True)
         with bar, torch.inference_mode(), _full_fp32():
             for batch in batches:
+                values.update(batch)
                 batch = np.ascontiguousarray(batch, dtype=batch.dtype.newbyteorder("="))
                 x = torch.from_numpy(batch).to(self.device)
-                x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
+                x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+                if batch.dtype.kind == "f" and scale != 1:
+                    x = x * scale  # [0, 1] -> [0, 255]
                 pool, spatial = self.net(x)
                 pools.append(pool.reshape(len(x), -1).cpu().numpy())
                 spatials.append(spatial.reshape(len(x), -1).cpu().numpy())
                 bar.update(len(x))
+        values.check(final=True)
         return np.concatenate(pools, axis=0), np.concatenate(spatials, axis=0)
+
+    def _image_batches(self, images: np.ndarray, what: str) -> Iterator[np.ndarray]:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[3] != 3 or len(images) == 0:
+            raise EvaluatorError(
+                f"{what}: expected images [N, H, W, 3] (grey as three equal channels), got "
+                f"{images.dtype} {images.shape}"
+            )
+        if images.dtype != np.uint8 and images.dtype.kind != "f":
+            raise EvaluatorError(f"{what}: dtype {images.dtype}; expected uint8 or float")
+        return (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
+
+    def reference(self, images: np.ndarray) -> Reference:
+        """The :class:`Reference` of an image array [N, H, W, 3] held in memory."""
+        pool, spatial = self.compute_activations(
+            self._image_batches(images, "reference images"),
+            total=len(images),
+            source="reference images",
+        )
+        return Reference(pool, self.compute_statistics(pool), self.compute_statistics(spatial))
+
+    def read_reference(self, npz_path: str) -> Reference:
+        """The :class:`Reference` of a reference batch ``.npz`` (streamed; its precomputed
+        ``mu, sigma, mu_s, sigma_s`` are used when present, as the CLI does)."""
+        acts = self.read_activations(npz_path)
+        stats, stats_spatial = self.read_statistics(npz_path, acts)
+        source = "ref_batch" if _has_member(npz_path, "mu.npy") else "computed"
+        return Reference(acts[0], stats, stats_spatial, source)
+
+    def score(self, images: np.ndarray, ref: Reference) -> Scores:
+        """IS, FID, sFID, precision and recall of an image array [N, H, W, 3] against
+        ``ref``, as the CLI computes them (the CLI streams files; this takes arrays)."""
+        acts = self.compute_activations(
+            self._image_batches(images, "sample images"), total=len(images), source="samples"
+        )
+        return self.score_activations(acts, ref)
+
+    def score_activations(
+        self,
+        activations: Tuple[np.ndarray, np.ndarray],
+        ref: Reference,
+        stats: Optional[Tuple[FIDStatistics, FIDStatistics]] = None,
+    ) -> Scores:
+        """:class:`Scores` of sample activations ``(pool, spatial)`` against ``ref``;
+        ``stats`` overrides the sample statistics (precomputed in a sample batch)."""
+        pool, spatial = activations
+        if stats is None:
+            stats = (self.compute_statistics(pool), self.compute_statistics(spatial))
+        precision, recall = self.compute_prec_recall(ref.pool, pool)
+        return Scores(
+            inception_score=self.compute_inception_score(pool),
+            fid=stats[0].frechet_distance(ref.stats),
+            sfid=stats[1].frechet_distance(ref.stats_spatial),
+            precision=precision,
+            recall=recall,
+            pool=pool,
+        )
 
     def read_statistics(
         self, npz_path: str, activations: Tuple[np.ndarray, Optional[np.ndarray]]
@@ -684,10 +983,8 @@ def _ref_identity(ref_path: str, net: torch.nn.Module) -> Dict[str, Any]:
     return ident
 
 
-def load_ref_cache(
-    cache_path: str, ident: Dict[str, Any]
-) -> Optional[Tuple[np.ndarray, FIDStatistics, FIDStatistics]]:
-    """``(pool activations, pool stats, spatial stats)`` from a matching cache, else None."""
+def load_ref_cache(cache_path: str, ident: Dict[str, Any]) -> Optional[Reference]:
+    """The :class:`Reference` stored in a matching cache, else None."""
     path = Path(cache_path)
     if not path.is_file():
         return None
@@ -696,41 +993,38 @@ def load_ref_cache(
             if json.loads(str(z["identity"])) != ident:
                 print(f"reference statistics cache {path} does not match; recomputing", flush=True)
                 return None
-            return (
+            return Reference(
                 z["pool"],
                 FIDStatistics(z["mu"], z["sigma"]),
                 FIDStatistics(z["mu_s"], z["sigma_s"]),
+                source="cache",
             )
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
         print(f"reference statistics cache {path} is unreadable ({exc}); recomputing", flush=True)
         return None
 
 
-def save_ref_cache(
-    cache_path: str,
-    ident: Dict[str, Any],
-    pool: np.ndarray,
-    stats: Tuple[FIDStatistics, FIDStatistics],
-) -> None:
-    """Write the cache atomically (temp file in the same folder, then rename)."""
-    path = Path(cache_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+def save_ref_cache(cache_path: str, ident: Dict[str, Any], ref: Reference) -> None:
+    """Write the cache atomically (``io_util.save_npz_atomic``; its folder must exist)."""
+    io_util.save_npz_atomic(
+        cache_path,
+        identity=np.array(json.dumps(ident)),
+        pool=ref.pool,
+        mu=ref.stats.mu,
+        sigma=ref.stats.sigma,
+        mu_s=ref.stats_spatial.mu,
+        sigma_s=ref.stats_spatial.sigma,
+    )
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse an output file whose folder is missing (none is created) or that is a folder."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                identity=np.array(json.dumps(ident)),
-                pool=pool,
-                mu=stats[0].mu,
-                sigma=stats[0].sigma,
-                mu_s=stats[1].mu,
-                sigma_s=stats[1].sigma,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        io_util.ensure_parent(path, flag)
+    except OSError as exc:  # FileNotFoundError / NotADirectoryError, one line each
+        raise EvaluatorError(str(exc)) from None
+    if Path(path).is_dir():
+        raise EvaluatorError(f"{flag} {path} is a folder; pass a file path such as {path}/x.npz")
 
 
 # ---------------------------------------------------------------------------------------
@@ -782,6 +1076,14 @@ def create_argparser() -> argparse.ArgumentParser:
         help="images per forward pass (also the streaming chunk size)",
     )
     p.add_argument(
+        "--float_range",
+        choices=sorted(FLOAT_RANGES),
+        default="0-255",
+        help="value range of float arr_0 images: '0-255' (the original's convention; "
+        "float images inside [0, 1] are refused) or '0-1' (multiplied by 255); uint8 "
+        "images are unaffected",
+    )
+    p.add_argument(
         "--device",
         default=default_device(),
         help="torch device (default: cuda if available, else cpu)",
@@ -811,74 +1113,76 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.batch_size < 1:
         raise EvaluatorError("--batch_size must be positive")
     device = _check_device(args.device)
+    for path, flag in ((args.ref_stats_cache, "--ref_stats_cache"), (args.json, "--json")):
+        if path:
+            check_output_file(path, flag)
     k_plus_1 = 4  # nhood size 3 plus the row itself
     shapes = {}
-    for role, path in (("ref", args.ref_batch), ("sample", args.sample_batch)):
+    for role, path in (("reference batch", args.ref_batch), ("sample batch", args.sample_batch)):
         with open_image_batch(path, min_images=k_plus_1) as reader:  # fail fast on bad input
             shapes[role] = reader.shape
+        check_float_values(path, f"{role} {path}", args.float_range)
     net = load_feature_net(
         args.feature_net, device, inception_path=args.inception_path, fmnist_path=args.fmnist_path
     )
     evaluator = Evaluator(
-        net, batch_size=args.batch_size, device=device, progress=not args.no_progress
+        net,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+        float_range=args.float_range,
     )
 
     print("warming up the feature network...", flush=True)
     evaluator.warmup()
 
-    cached = None
+    ref = None
     if args.ref_stats_cache:
         ident = _ref_identity(args.ref_batch, net)
-        cached = load_ref_cache(args.ref_stats_cache, ident)
-    if cached is not None:
+        ref = load_ref_cache(args.ref_stats_cache, ident)
+    if ref is not None:
         print(f"reading reference batch activations from {args.ref_stats_cache}...", flush=True)
-        ref_pool, ref_stats, ref_stats_spatial = cached
-        evaluator.check_statistics(args.ref_stats_cache, (ref_stats, ref_stats_spatial))
-        ref_source = "cache"
+        evaluator.check_statistics(args.ref_stats_cache, (ref.stats, ref.stats_spatial))
     else:
         print("computing reference batch activations...", flush=True)
         ref_acts = evaluator.read_activations(args.ref_batch)
         print("computing/reading reference batch statistics...", flush=True)
-        ref_stats, ref_stats_spatial = evaluator.read_statistics(args.ref_batch, ref_acts)
-        ref_source = "ref_batch" if _has_member(args.ref_batch, "mu.npy") else "computed"
-        ref_pool = ref_acts[0]
+        ref_stats = evaluator.read_statistics(args.ref_batch, ref_acts)
+        source = "ref_batch" if _has_member(args.ref_batch, "mu.npy") else "computed"
+        ref = Reference(ref_acts[0], *ref_stats, source=source)
         if args.ref_stats_cache:
-            save_ref_cache(args.ref_stats_cache, ident, ref_pool, (ref_stats, ref_stats_spatial))
+            save_ref_cache(args.ref_stats_cache, ident, ref)
 
     print("computing sample batch activations...", flush=True)
     sample_acts = evaluator.read_activations(args.sample_batch)
     print("computing/reading sample batch statistics...", flush=True)
-    sample_stats, sample_stats_spatial = evaluator.read_statistics(args.sample_batch, sample_acts)
+    sample_stats = evaluator.read_statistics(args.sample_batch, sample_acts)
 
     print("Computing evaluations...", flush=True)
     if not net.comparable_with_inception:
         print(FMNIST_NOTE, flush=True)
-    results: Dict[str, Any] = {}
-    results["inception_score"] = evaluator.compute_inception_score(sample_acts[0])
+    scores = evaluator.score_activations(sample_acts, ref, sample_stats)
+    results: Dict[str, Any] = scores.as_dict()
     print("Inception Score:", results["inception_score"], flush=True)
-    results["fid"] = sample_stats.frechet_distance(ref_stats)
     print("FID:", results["fid"], flush=True)
-    results["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
     print("sFID:", results["sfid"], flush=True)
-    results["precision"], results["recall"] = evaluator.compute_prec_recall(
-        ref_pool, sample_acts[0]
-    )
     print("Precision:", results["precision"], flush=True)
     print("Recall:", results["recall"], flush=True)
 
     results["metadata"] = {
         "ref_batch": str(Path(args.ref_batch).resolve()),
         "sample_batch": str(Path(args.sample_batch).resolve()),
-        "num_ref": shapes["ref"][0],
-        "num_samples": shapes["sample"][0],
-        "ref_shape": list(shapes["ref"]),
-        "sample_shape": list(shapes["sample"]),
-        "ref_stats_source": ref_source,
+        "num_ref": shapes["reference batch"][0],
+        "num_samples": shapes["sample batch"][0],
+        "ref_shape": list(shapes["reference batch"]),
+        "sample_shape": list(shapes["sample batch"]),
+        "ref_stats_source": ref.source,
         "feature_net": net.name,
         "feature_net_fingerprint": net.fingerprint,
         "comparable_with_inception_fid": bool(net.comparable_with_inception),
         "nhood_size": 3,
         "is_split_size": 5000,
+        "float_range": args.float_range,
         "device": device,
         "batch_size": args.batch_size,
         "seconds": round(time.time() - t0, 3),
@@ -889,8 +1193,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         },
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        io_util.atomic_write_bytes((json.dumps(results, indent=2) + "\n").encode(), args.json)
     return results
 
 

@@ -32,7 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluations import EvaluatorError
-from evaluations.inception import resize_bilinear_tf_legacy, state_dict_fingerprint
+from evaluations.inception import (
+    check_state_dict,
+    read_weights,
+    resize_bilinear_tf_legacy,
+    state_dict_fingerprint,
+)
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -112,18 +117,20 @@ class FMNISTNet(nn.Module):
 
 
 def load_fmnist_net(path: Union[str, Path], device: str = "cpu") -> FMNISTNet:
-    """Load the shipped state dict (fp32 or fp16 storage) into :class:`FMNISTNet` (eval)."""
+    """Load the shipped state dict (fp32 or fp16 storage) into :class:`FMNISTNet` (eval).
+
+    A missing, unreadable or foreign file raises a one-line :class:`EvaluatorError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise EvaluatorError(
             f"Fashion-MNIST feature net not found at {path}; train it with "
             "scripts/train_fmnist_classifier.py or pass --fmnist_path"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = FMNISTNet()
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
-    except Exception as exc:  # a foreign or truncated file: report it in one line
-        raise EvaluatorError(f"{path} is not an FMNISTNet state dict: {exc}") from None
+    state = read_weights(path, "Fashion-MNIST feature net (--fmnist_path)")
+    model = FMNISTNet()
+    check_state_dict(model, state, path, "an FMNISTNet state dict", EvaluatorError)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     model.fingerprint = state_dict_fingerprint(state)
     return model.to(device).eval()

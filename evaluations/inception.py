@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import IO, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluations import EvaluatorError
+from guided_diffusion import io_util
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = (
@@ -366,23 +366,23 @@ def _sha256_file(path: Path) -> str:
 
 
 def download_weights(dest: Path, url: str = WEIGHTS_URL, timeout: float = 60.0) -> Path:
-    """Download the ported weights to ``dest`` (temp file, sha256-prefix check, rename)."""
+    """Download the ported weights to ``dest`` (``io_util.atomic_write``: the file appears
+    only once complete and its sha256 prefix checked; the cache folder is created)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+
+    def write(out: IO[bytes]) -> None:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             for block in iter(lambda: resp.read(1 << 20), b""):
                 out.write(block)
-        digest = _sha256_file(tmp)
-        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+                digest.update(block)
+        if not digest.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
             raise WeightsUnavailableError(
-                f"downloaded {url} has sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}..."
+                f"downloaded {url} has sha256 {digest.hexdigest()[:8]}..., expected "
+                f"{WEIGHTS_SHA256_PREFIX}..."
             )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    io_util.atomic_write(dest, write)
     return dest
 
 
@@ -414,6 +414,33 @@ def resolve_weights_path(path: Optional[str] = None, download: bool = True) -> P
         ) from None
 
 
+def read_weights(path: Path, what: str, error: type = EvaluatorError) -> Dict[str, torch.Tensor]:
+    """A state dict of tensors from ``path`` (``torch.load(weights_only=True)``), or one
+    line ``error`` saying why not (guided_diffusion.checkpoints.describe_load_error)."""
+    from guided_diffusion.checkpoints import CheckpointError, load_torch_file
+
+    try:
+        state = load_torch_file(path)
+    except CheckpointError as exc:
+        raise error(f"{what}: {exc}") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise error(f"{what}: {path} is not a state dict of tensors (got {type(state).__name__})")
+    return dict(state)
+
+
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str, error: type
+) -> None:
+    """Raise ``error`` in one line when the keys or shapes of ``state`` do not fit ``model``."""
+    from guided_diffusion.checkpoints import describe_key_mismatch
+
+    own = model.state_dict()
+    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+        raise error(f"{path} is not {what}: {describe_key_mismatch(model, state)}")
+
+
 def load_inception(
     path: Optional[str] = None, device: str = "cpu", download: bool = True
 ) -> InceptionV3FID:
@@ -424,18 +451,11 @@ def load_inception(
     are accepted; any other key mismatch is an error.
     """
     weights = resolve_weights_path(path, download=download)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: report it in one line
-        raise WeightsUnavailableError(f"cannot read Inception weights {weights}: {exc}") from None
+    state = read_weights(weights, "Inception weights", WeightsUnavailableError)
     model = InceptionV3FID()
-    try:
-        model.load_state_dict(add_missing_num_batches_tracked(state, model))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise WeightsUnavailableError(
-            f"{weights} is not an FID Inception state dict: {' '.join(first[:2])[:300]}"
-        ) from None
+    state = add_missing_num_batches_tracked(state, model)
+    check_state_dict(model, state, weights, "an FID Inception state dict", WeightsUnavailableError)
+    model.load_state_dict(state)
     model.fingerprint = state_dict_fingerprint(state)
     return model.to(device=device, memory_format=torch.channels_last).eval()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -21,10 +23,12 @@ from evaluations.evaluator import (
     DistanceBlock,
     Evaluator,
     FIDStatistics,
+    FixedReferenceFID,
     ManifoldEstimator,
     NpzArrayReader,
     f64_to_f16,
     inception_score_from_preds,
+    paired_bootstrap_fid,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +264,18 @@ def test_weights_with_or_without_num_batches_tracked(tmp_path, weights_file):
         inception.load_inception(str(tmp_path / "missing.pth"))
 
 
+def test_unreadable_inception_weights_are_one_line(tmp_path, weights_file):
+    with open(weights_file, "rb") as f:
+        (tmp_path / "trunc.pth").write_bytes(f.read(100_000))
+    torch.save({"weights": inception.InceptionV3FID}, tmp_path / "code.pth")
+    for name, reason in (("trunc.pth", "truncated"), ("code.pth", "not a safe state dict")):
+        with pytest.raises(inception.WeightsUnavailableError) as info:
+            inception.load_inception(str(tmp_path / name))
+        message = str(info.value)
+        assert message.startswith(f"Inception weights: cannot read {tmp_path / name}: ")
+        assert reason in message and "\n" not in message and "weights_only" not in message
+
+
 def test_offline_error_names_the_cache_path(tmp_path, monkeypatch):
     monkeypatch.setenv("ADM_ES_CACHE", str(tmp_path / "cache"))
 
@@ -431,6 +447,7 @@ def test_cli_reference_stats_cache(tmp_path, tiny_cli, capsys, monkeypatch):
     np.savez(tmp_path / "ref.npz", arr_0=_images(30, 0))
     np.savez(tmp_path / "sample.npz", arr_0=_images(25, 1))
     cache = tmp_path / "stats" / "ref_cache.npz"
+    cache.parent.mkdir()
     args = (tmp_path / "ref.npz", tmp_path / "sample.npz", "--ref_stats_cache", cache)
     assert tiny_cli(*args) == 0
     first = capsys.readouterr().out
@@ -626,3 +643,223 @@ def test_end_to_end_random_inception(tmp_path, weights_file, capsys):
     assert meta["feature_net"] == "inception" and meta["comparable_with_inception_fid"] is True
     assert meta["ref_stats_source"] == "ref_batch" and meta["sample_shape"] == [5, 40, 28, 3]
     assert "img/s" in captured.err  # progress bars with their rate
+
+
+# ---------------------------------------------------------------------------------------
+# Output files: folders are not created; atomic writes with the user's umask.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--ref_stats_cache", "--json"])
+def test_output_in_missing_folder_is_refused_before_work(tmp_path, tiny_cli, capsys, flag):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(8, 0))
+    np.savez(tmp_path / "sample.npz", arr_0=_images(8, 1))
+    target = tmp_path / "nonexistent" / "dir" / "c.npz"
+    assert tiny_cli(tmp_path / "ref.npz", tmp_path / "sample.npz", flag, target) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"error: {flag} {target}: folder ") and "\n" not in err
+    assert "does not exist" in err and captured.out == ""  # refused before any work
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_cache_path_that_is_a_folder_is_refused(tmp_path, tiny_cli, capsys):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(8, 0))
+    np.savez(tmp_path / "sample.npz", arr_0=_images(8, 1))
+    (tmp_path / "cache").mkdir()
+    code = tiny_cli(
+        tmp_path / "ref.npz", tmp_path / "sample.npz", "--ref_stats_cache", tmp_path / "cache"
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is a folder" in err and "\n" not in err
+
+
+def test_written_files_get_the_umask_permissions(tmp_path, tiny_cli, capsys, monkeypatch):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(8, 0))
+    np.savez(tmp_path / "sample.npz", arr_0=_images(8, 1))
+    src = tmp_path / "served.pth"
+    src.write_bytes(b"weights")
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", inception._sha256_file(src)[:8])
+    old = os.umask(0o027)
+    try:
+        args = ["--ref_stats_cache", tmp_path / "c.npz", "--json", tmp_path / "o.json"]
+        assert tiny_cli(tmp_path / "ref.npz", tmp_path / "sample.npz", *args) == 0
+        inception.download_weights(tmp_path / "w" / "weights.pth", url=src.as_uri())
+    finally:
+        os.umask(old)
+    for name in ("c.npz", "o.json", "w/weights.pth"):  # mkstemp alone would give 0600
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Float images: only [0, 255] (or [0, 1] with --float_range 0-1) is scored.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "low,high,fix",
+    [
+        (0.0, 1.0, "multiply by 255 (or pass --float_range 0-1)"),
+        (-1.0, 1.0, "map [-1, 1] with (x + 1) * 127.5"),
+        (0.0, 300.0, "clip or rescale the images"),
+    ],
+)
+def test_float_images_out_of_range_are_refused(tmp_path, tiny_cli, capsys, low, high, fix):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(8, 0))
+    x = np.random.default_rng(0).uniform(low, high, (8, 16, 16, 3)).astype(np.float32)
+    x.reshape(-1)[:2] = low, high  # the exact range
+    np.savez(tmp_path / "sample.npz", arr_0=x)
+    assert tiny_cli(tmp_path / "ref.npz", tmp_path / "sample.npz") == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == (
+        f"error: sample batch {tmp_path / 'sample.npz'}: float images in [{low:.2f}, "
+        f"{high:.2f}]; the evaluator expects uint8 or floats in [0, 255]: {fix}"
+    )
+    assert captured.out == ""  # checked before the network runs
+
+
+def test_float_range_flag_scores_unit_floats_like_uint8(tmp_path, tiny_cli, capsys):
+    ref, sample = _images(30, 0), _images(25, 1)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "sample.npz", arr_0=sample)
+    np.savez(tmp_path / "ref01.npz", arr_0=ref.astype(np.float64) / 255)
+    np.savez(tmp_path / "sample01.npz", arr_0=sample.astype(np.float32) / 255)
+    np.savez(tmp_path / "sample255.npz", arr_0=sample.astype(np.float32))
+    assert tiny_cli(tmp_path / "ref.npz", tmp_path / "sample.npz") == 0
+    want = _metrics(capsys.readouterr().out)
+    assert tiny_cli(tmp_path / "ref01.npz", tmp_path / "sample01.npz", "--float_range", "0-1") == 0
+    got = _metrics(capsys.readouterr().out)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    # with --float_range 0-1, [0, 255] floats are refused, uint8 is still scored as is
+    args = (tmp_path / "ref.npz", tmp_path / "sample255.npz", "--float_range", "0-1")
+    assert tiny_cli(*args) == 2
+    assert "--float_range 0-1 expects floats in [0, 1]" in capsys.readouterr().err
+
+
+def test_evaluator_api_refuses_unit_floats_unless_asked():
+    ev = Evaluator(TinyNet(), device="cpu", progress=False)
+    images = _images(6, 0)
+    with pytest.raises(EvaluatorError, match=r"images: float images in \[0\.\d\d, 1\.00\]"):
+        ev.compute_activations([images / 255.0])
+    with pytest.raises(EvaluatorError, match="NaN or inf"):
+        ev.compute_activations([np.full((2, 8, 8, 3), np.nan, np.float32)])
+    unit = Evaluator(TinyNet(), device="cpu", progress=False, float_range="0-1")
+    np.testing.assert_allclose(
+        unit.compute_activations([images / 255.0])[0],
+        ev.compute_activations([images])[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_grey_images_as_three_equal_channels(tmp_path, tiny_cli, capsys):
+    grey = _images(12, 0)[..., :1]
+    np.savez(tmp_path / "ref.npz", arr_0=np.repeat(grey, 3, axis=3))
+    np.savez(tmp_path / "sample.npz", arr_0=np.repeat(grey[::-1], 3, axis=3))
+    assert tiny_cli(tmp_path / "ref.npz", tmp_path / "sample.npz") == 0
+    values = _metrics(capsys.readouterr().out)
+    assert abs(values["FID"]) < 1e-6  # the same images in another order
+    assert values["Precision"] == 1.0 and values["Recall"] == 1.0
+    np.savez(tmp_path / "one.npz", arr_0=grey)  # one channel: refused with the fix
+    assert tiny_cli(tmp_path / "ref.npz", tmp_path / "one.npz") == 2
+    assert "three equal channels" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Library API: Evaluator.reference / score, FixedReferenceFID, paired_bootstrap_fid.
+# ---------------------------------------------------------------------------------------
+
+
+def test_score_matches_the_cli(tmp_path, tiny_cli, capsys):
+    ref_images, sample_images = _images(30, 0), _images(25, 1, size=(20, 12))
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    np.savez(tmp_path / "sample.npz", arr_0=sample_images)
+    assert (
+        tiny_cli(tmp_path / "ref.npz", tmp_path / "sample.npz", "--json", tmp_path / "o.json") == 0
+    )
+    cli = json.loads((tmp_path / "o.json").read_text())
+    ev = Evaluator(TinyNet(), batch_size=7, device="cpu", progress=False)
+    ref = ev.reference(ref_images)
+    assert ref.pool.shape == (30, 12) and ref.source == "computed"
+    scores = ev.score(sample_images, ref)
+    assert scores.as_dict() == pytest.approx({k: cli[k] for k in scores.as_dict()}, rel=1e-9)
+    assert scores.pool.shape == (25, 12)
+    from_file = ev.score(sample_images, ev.read_reference(str(tmp_path / "ref.npz")))
+    assert from_file.as_dict() == scores.as_dict()
+    with pytest.raises(EvaluatorError, match="three equal channels"):
+        ev.score(sample_images[..., 0], ref)
+
+
+def test_fixed_reference_fid_matches_frechet_distance(golden):
+    z, meta = golden
+    ref = FIDStatistics(z["mu_A"], z["sigma_A"])
+    fid = FixedReferenceFID(ref)
+    assert fid(z["mu_B"], z["sigma_B"]) == pytest.approx(meta["fid_A_vs_B"], rel=1e-9)
+    # stacked: the reference against itself and against B
+    mus, sigmas = np.stack([z["mu_A"], z["mu_B"]]), np.stack([z["sigma_A"], z["sigma_B"]])
+    np.testing.assert_allclose(fid(mus, sigmas), [0.0, meta["fid_A_vs_B"]], rtol=1e-9, atol=1e-6)
+
+
+def _gaussian_sets(rng, n, dim, shift=0.0):
+    """A reference and two sample sets from one Gaussian that differs from the reference's
+    (as model samples do), ``b`` shifted by ``shift`` in every coordinate."""
+    mix = np.eye(dim) + 0.3 * rng.standard_normal((dim, dim)) / np.sqrt(dim)
+    ref_x = rng.standard_normal((4 * n, dim)) @ mix
+    ref = FIDStatistics(ref_x.mean(0), np.cov(ref_x, rowvar=False))
+    a = 1.3 * rng.standard_normal((n, dim)) @ mix + 0.5
+    b = 1.3 * rng.standard_normal((n, dim)) @ mix + 0.5 + shift
+    return ref, a.astype(np.float32), b.astype(np.float32)
+
+
+def test_paired_bootstrap_point_estimates_and_shift():
+    ref, a, b = _gaussian_sets(np.random.default_rng(0), 400, 16, shift=0.25)
+    out = paired_bootstrap_fid(ref, a, b, num_boot=300, seed=1)
+    for key, x in (("fid_a", a), ("fid_b", b)):
+        stats = FIDStatistics(x.mean(0), np.cov(x, rowvar=False))
+        assert out[key] == stats.frechet_distance(ref)  # the evaluator's own number
+    assert out["diff"] == out["fid_a"] - out["fid_b"]
+    low, high = out["diff_interval"]
+    assert low < out["diff"] < high and high < 0  # b is shifted further from the reference
+    assert out["num_boot"] == 300 and out["num_samples"] == 400 and out["level"] == 0.95
+    assert paired_bootstrap_fid(ref, a, b, num_boot=300, seed=1) == out  # seeded
+    assert paired_bootstrap_fid(ref, a, b, num_boot=300, seed=2) != out
+
+
+def test_paired_bootstrap_covers_zero_at_the_stated_rate():
+    """Two independent draws from one distribution: the 90% interval of FID(a) - FID(b)
+    covers 0 in about 90% of repeats (binomial(60, 0.9): 48..59 holds 99.6% of runs), and
+    the bootstrap standard error matches the spread of the difference over repeats."""
+    rng = np.random.default_rng(0)
+    covered, diffs, stds = 0, [], []
+    for rep in range(60):
+        ref, a, b = _gaussian_sets(rng, 200, 8)
+        out = paired_bootstrap_fid(ref, a, b, num_boot=200, seed=rep, level=0.9)
+        low, high = out["diff_interval"]
+        covered += low <= 0 <= high
+        diffs.append(out["diff"])
+        stds.append(out["diff_std"])
+    assert 48 <= covered <= 59, covered
+    assert 0.7 < np.median(stds) / np.std(diffs) < 1.4, (np.median(stds), np.std(diffs))
+
+
+def test_paired_bootstrap_uses_the_same_draw_for_both_sets():
+    """b = a + tiny noise: shared noise cancels, so the paired interval of the difference
+    is far narrower than the spread of either FID (an unpaired draw would not be)."""
+    ref, a, _ = _gaussian_sets(np.random.default_rng(3), 300, 8)
+    b = a + 0.01 * np.random.default_rng(4).standard_normal(a.shape).astype(np.float32)
+    out = paired_bootstrap_fid(ref, a, b, num_boot=200)
+    width = out["diff_interval"][1] - out["diff_interval"][0]
+    assert width < 0.05 * 4 * out["fid_a_std"] and out["diff_std"] < 0.05 * out["fid_a_std"]
+
+
+def test_paired_bootstrap_errors():
+    ref, a, b = _gaussian_sets(np.random.default_rng(0), 20, 4)
+    with pytest.raises(EvaluatorError, match="same seed"):
+        paired_bootstrap_fid(ref, a, b[:10])
+    with pytest.raises(EvaluatorError, match="same seed"):
+        paired_bootstrap_fid(ref, a[:, :3], b[:, :3])
+    with pytest.raises(EvaluatorError, match="num_boot"):
+        paired_bootstrap_fid(ref, a, b, num_boot=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from evaluations import EvaluatorError
+from evaluations import evaluator as evaluator_cli
 from evaluations.evaluator import FMNIST_NOTE, Evaluator
 from evaluations.fmnist_net import FEATURE_DIM, SPATIAL_DIM, FMNISTNet, load_fmnist_net
 
@@ -163,3 +165,45 @@ def test_untrained_net_is_worse(test_split):
         torch.manual_seed(0)
         pred = FMNISTNet().eval().classify(x).argmax(1).numpy()
     assert (pred == labels[:200]).mean() < 0.5  # the accuracy test above can fail
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+BAD_WEIGHTS = {
+    "truncated": "truncated",
+    "pickled_code": "not a safe state dict (contains Python objects: posix.system)",
+    "random_bytes": "not a torch checkpoint",
+    "foreign": "is not an FMNISTNet state dict: 1 missing keys (first: block1.0.weight); "
+    "1 unexpected keys (first: fc9.weight)",
+    "not_a_dict": "is not a state dict of tensors (got Tensor)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_WEIGHTS))
+def test_bad_weights_file_is_one_line(tmp_path, capsys, net, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "truncated":
+        path.write_bytes(WEIGHTS.read_bytes()[:5000])
+    elif kind == "pickled_code":
+        torch.save({"block1.0.weight": _Evil()}, path)
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif kind == "foreign":
+        state = dict(net.state_dict())
+        state["fc9.weight"] = state.pop("block1.0.weight")
+        torch.save(state, path)
+    else:
+        torch.save(torch.zeros(3), path)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    argv = [tmp_path / "ref.npz", tmp_path / "ref.npz", "--feature_net", "fmnist"]
+    argv += ["--fmnist_path", path, "--device", "cpu", "--no_progress"]
+    assert evaluator_cli.main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert BAD_WEIGHTS[kind] in err and str(path) in err
+    assert "weights_only" not in err and "pwned" not in captured.out
