@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
@@ -190,8 +191,9 @@ def list_image_files_recursively(data_dir: str) -> list[str]:
 class ImageDataset(Dataset):
     """One shard of an image folder or uint8 NHWC array, cropped, flipped and scaled.
 
-    ``images`` is a sequence of file paths or a uint8 array [N, H, W, 3]; this dataset holds
-    items ``shard, shard + num_shards, ...``. ``dataset[i]`` draws its crop/flip from fresh
+    guided-diffusion's signature: ``image_paths`` is a sequence of file paths or (here also)
+    a uint8 array [N, H, W, 3]; this dataset holds items ``shard, shard + num_shards, ...``
+    as ``local_images`` / ``local_classes``. ``dataset[i]`` draws its crop/flip from fresh
     randomness; ``dataset[(i, sample_seed)]`` draws them from ``sample_seed`` (reproducible).
     Returns ``(float32 [C, size, size] in [-1, 1], {"y": int64} or {})``; raises
     ``DataError`` naming the file when an image cannot be read.
@@ -200,7 +202,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         resolution: int,
-        images: Union[Sequence[str], np.ndarray],
+        image_paths: Union[Sequence[str], np.ndarray],
         classes: Sequence[int] | None = None,
         shard: int = 0,
         num_shards: int = 1,
@@ -213,16 +215,16 @@ class ImageDataset(Dataset):
             raise DataError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
         self.in_channels = in_channels
         self.resolution = resolution
-        self.images = images[shard::num_shards]
-        self.classes = None if classes is None else list(classes)[shard::num_shards]
+        self.local_images = image_paths[shard::num_shards]
+        self.local_classes = None if classes is None else list(classes)[shard::num_shards]
         self.random_crop = random_crop
         self.random_flip = random_flip
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.local_images)
 
     def _pil_image(self, idx: int) -> Image.Image:
-        item = self.images[idx]
+        item = self.local_images[idx]
         if isinstance(item, np.ndarray):
             return Image.fromarray(item)
         try:
@@ -236,7 +238,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         idx, sample_seed = key if isinstance(key, tuple) else (key, None)
         rng = np.random.default_rng(sample_seed)
-        item = self.images[idx]
+        item = self.local_images[idx]
         if (
             isinstance(item, np.ndarray)
             and not self.random_crop
@@ -244,7 +246,7 @@ class ImageDataset(Dataset):
         ):
             arr = item  # already the right size: the centre crop would be the identity
         elif self.random_crop:
-            arr = random_crop_arr(self._pil_image(idx), self.resolution, rng)
+            arr = random_crop_arr(self._pil_image(idx), self.resolution, rng=rng)
         else:
             arr = center_crop_arr(self._pil_image(idx), self.resolution)
         if self.random_flip and rng.random() < 0.5:
@@ -252,7 +254,7 @@ class ImageDataset(Dataset):
         if self.in_channels == 1:
             arr = to_grey(arr)
         arr = arr.astype(np.float32) / 127.5 - 1  # [H, W, C] in [-1, 1]
-        out = {} if self.classes is None else {"y": np.int64(self.classes[idx])}
+        out = {} if self.local_classes is None else {"y": np.int64(self.local_classes[idx])}
         return np.transpose(arr, (2, 0, 1)), out  # [C, H, W]
 
 
@@ -285,27 +287,33 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 def random_crop_arr(
     pil_image: Image.Image,
     image_size: int,
-    rng: np.random.Generator,
     min_crop_frac: float = 0.8,
     max_crop_frac: float = 1.0,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Random scale-and-crop of guided-diffusion: uint8 [image_size, image_size, C].
 
     The shorter side is resized (BOX halving, then BICUBIC) to a size drawn uniformly from
     ``[ceil(image_size / max_crop_frac), ceil(image_size / min_crop_frac)]``, and a square
-    of ``image_size`` is cut at a uniformly random position.
+    of ``image_size`` is cut at a uniformly random position. The draws come from ``rng``,
+    or without it from Python's ``random`` module, as in the original (the same
+    ``random.seed`` gives the original's crops).
     """
+
+    def randrange(start: int, stop: int) -> int:
+        return random.randrange(start, stop) if rng is None else int(rng.integers(start, stop))
+
     lo = math.ceil(image_size / max_crop_frac)
     hi = math.ceil(image_size / min_crop_frac)
-    smaller = int(rng.integers(lo, hi + 1))
+    smaller = randrange(lo, hi + 1)
     img = pil_image
     while min(img.size) >= 2 * smaller:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = smaller / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
     arr = np.asarray(img)
-    top = int(rng.integers(arr.shape[0] - image_size + 1))
-    left = int(rng.integers(arr.shape[1] - image_size + 1))
+    top = randrange(0, arr.shape[0] - image_size + 1)
+    left = randrange(0, arr.shape[1] - image_size + 1)
     return arr[top : top + image_size, left : left + image_size]
 
 

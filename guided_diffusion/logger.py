@@ -4,12 +4,21 @@
 folder in the temp dir). Rank 0 writes to stdout, ``log.txt`` and ``progress.csv``; other
 ranks write ``log-rankNNN.txt`` only. ``logkv``/``logkv_mean`` collect values that
 ``dumpkvs`` averages over ranks and writes as one row.
+
+The original's public names are kept: ``Logger`` (with ``Logger.CURRENT``/``DEFAULT``,
+``set_level``, ``set_comm``, ``get_dir``), ``configure``, ``scoped_configure``, ``reset``,
+``logkv(s)``, ``logkv_mean``, ``dumpkvs``, ``getkvs``, ``log``/``debug``/``info``/``warn``/
+``error``, ``set_level``, ``set_comm``, ``get_dir``, ``profile_kv``, ``profile``,
+``record_tabular``, ``dump_tabular``. Not kept: the ``tensorboard`` output format (it needs
+TensorFlow). ``comm`` may be an mpi4py communicator (as in the original) or ``True`` for
+the ``torch.distributed`` group of ``dist_util``.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import json
 import os
 import sys
@@ -17,7 +26,7 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 
@@ -128,9 +137,16 @@ def make_output_format(format: str, ev_dir: str, log_suffix: str = "") -> KVWrit
 
 
 class Logger:
-    """Holds the current key-values and writes them to the output formats."""
+    """Holds the current key-values and writes them to the output formats.
 
-    def __init__(self, dir: Optional[str], output_formats: List[KVWriter], comm=None):
+    ``Logger.CURRENT`` is the logger the module functions use; ``Logger.DEFAULT`` the one
+    they fall back to before ``configure`` (stdout only, no folder).
+    """
+
+    DEFAULT: Optional[Logger] = None
+    CURRENT: Optional[Logger] = None
+
+    def __init__(self, dir: Optional[str], output_formats: List[KVWriter], comm: Any = None):
         self.name2val: Dict[str, float] = defaultdict(float)
         self.name2cnt: Dict[str, int] = defaultdict(int)
         self.level = INFO
@@ -150,7 +166,7 @@ class Logger:
         if self.comm is None:
             d = dict(self.name2val)
         else:
-            d = _weighted_mean_over_ranks(self.name2val, self.name2cnt)
+            d = _weighted_mean_over_ranks(self.comm, self.name2val, self.name2cnt)
         out = d.copy()
         for fmt in self.output_formats:
             fmt.writekvs(d)
@@ -164,16 +180,36 @@ class Logger:
                 if isinstance(fmt, SeqWriter):
                     fmt.writeseq([str(a) for a in args])
 
+    def set_level(self, level: int) -> None:
+        """Log only messages at ``level`` or above (DEBUG, INFO, WARN, ERROR, DISABLED)."""
+        self.level = level
+
+    def set_comm(self, comm: Any) -> None:
+        """Average ``dumpkvs`` over the ranks of ``comm`` (None: this process only)."""
+        self.comm = comm
+
+    def get_dir(self) -> Optional[str]:
+        """The log folder (None for the stdout-only default logger)."""
+        return self.dir
+
     def close(self) -> None:
         for fmt in self.output_formats:
             fmt.close()
 
 
-def _weighted_mean_over_ranks(name2val, name2cnt) -> Dict[str, Any]:
-    """Average numeric key-values over ranks, weighted by their counts (every rank calls)."""
-    from . import dist_util
+def _weighted_mean_over_ranks(comm: Any, name2val, name2cnt) -> Dict[str, Any]:
+    """Average numeric key-values over ranks, weighted by their counts (every rank calls).
 
-    gathered = dist_util.all_gather_object((dict(name2val), dict(name2cnt)))
+    ``comm`` is an mpi4py communicator (its ``allgather``) or any other true value for
+    ``dist_util``'s process group.
+    """
+    local = (dict(name2val), dict(name2cnt))
+    if hasattr(comm, "allgather"):
+        gathered = comm.allgather(local)
+    else:
+        from . import dist_util
+
+        gathered = dist_util.all_gather_object(local)
     sums: Dict[str, float] = defaultdict(float)
     counts: Dict[str, float] = defaultdict(float)
     other: Dict[str, Any] = {}
@@ -190,14 +226,13 @@ def _weighted_mean_over_ranks(name2val, name2cnt) -> Dict[str, Any]:
     return out
 
 
-_CURRENT: Optional[Logger] = None
-
-
 def get_current() -> Logger:
-    global _CURRENT
-    if _CURRENT is None:
-        _CURRENT = Logger(None, [HumanOutputFormat(sys.stdout)])
-    return _CURRENT
+    """The logger of the module functions (a stdout-only one before ``configure``)."""
+    if Logger.CURRENT is None:
+        if Logger.DEFAULT is None:
+            Logger.DEFAULT = Logger(None, [HumanOutputFormat(sys.stdout)])
+        Logger.CURRENT = Logger.DEFAULT
+    return Logger.CURRENT
 
 
 def configure(
@@ -207,7 +242,6 @@ def configure(
     log_suffix: str = "",
 ) -> None:
     """Direct logging to ``dir`` (else ``$OPENAI_LOGDIR``, else a timestamped temp folder)."""
-    global _CURRENT
     from . import dist_util
 
     if dir is None:
@@ -227,20 +261,36 @@ def configure(
         else:
             format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
     formats = [make_output_format(f, dir, log_suffix) for f in filter(None, format_strs)]
-    if _CURRENT is not None:
-        _CURRENT.close()
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
     if comm is None and dist_util.get_world_size() > 1:
         comm = True
-    _CURRENT = Logger(dir=dir, output_formats=formats, comm=comm)
+    Logger.CURRENT = Logger(dir=dir, output_formats=formats, comm=comm)
     if formats:
         log(f"Logging to {dir}")
 
 
 def reset() -> None:
-    global _CURRENT
-    if _CURRENT is not None:
-        _CURRENT.close()
-    _CURRENT = None
+    """Close the configured logger; the module functions fall back to stdout only."""
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+    Logger.CURRENT = None
+
+
+@contextmanager
+def scoped_configure(
+    dir: Optional[str] = None, format_strs: Optional[List[str]] = None, comm: Any = None
+) -> Iterator[None]:
+    """``configure`` for the duration of a ``with`` block, then restore the previous logger."""
+    previous = Logger.CURRENT
+    Logger.CURRENT = None  # configure must not close the logger it will restore
+    try:
+        configure(dir=dir, format_strs=format_strs, comm=comm)
+        yield
+    finally:
+        if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+            Logger.CURRENT.close()
+        Logger.CURRENT = previous
 
 
 def logkv(key: str, val: Any) -> None:
@@ -285,11 +335,18 @@ def error(*args: Any) -> None:
 
 
 def set_level(level: int) -> None:
-    get_current().level = level
+    """Log only messages at ``level`` or above on the current logger."""
+    get_current().set_level(level)
+
+
+def set_comm(comm: Any) -> None:
+    """Average ``dumpkvs`` of the current logger over the ranks of ``comm``."""
+    get_current().set_comm(comm)
 
 
 def get_dir() -> Optional[str]:
-    return get_current().dir
+    """The current log folder (None before ``configure``)."""
+    return get_current().get_dir()
 
 
 record_tabular = logkv
@@ -305,3 +362,20 @@ def profile_kv(scopename: str):
         yield
     finally:
         get_current().name2val[logkey] += time.time() - tstart
+
+
+def profile(n: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: accumulate the wall time of every call under ``wait_<n>`` (``profile_kv``).
+
+    Usage: ``@profile("my_func")`` above ``def my_func(): ...``.
+    """
+
+    def decorator_with_name(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def func_wrapper(*args: Any, **kwargs: Any) -> Any:
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return func_wrapper
+
+    return decorator_with_name

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import math
+import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from guided_diffusion import logger
 from guided_diffusion.image_datasets import (
     DataError,
     ImageDataset,
@@ -139,12 +144,12 @@ def test_center_crop_arr():
 def test_random_crop_arr_shape_seed_and_variety():
     grad = np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (40, 1, 3))
     pil = Image.fromarray(grad)
-    crops = [random_crop_arr(pil, 32, np.random.default_rng(s)) for s in range(20)]
+    crops = [random_crop_arr(pil, 32, rng=np.random.default_rng(s)) for s in range(20)]
     assert all(c.shape == (32, 32, 3) for c in crops)
-    np.testing.assert_array_equal(crops[0], random_crop_arr(pil, 32, np.random.default_rng(0)))
+    np.testing.assert_array_equal(crops[0], random_crop_arr(pil, 32, rng=np.random.default_rng(0)))
     assert len({c.tobytes() for c in crops}) > 3  # scale and position vary
     flat = Image.fromarray(np.full((50, 45, 3), 9, dtype=np.uint8))
-    np.testing.assert_array_equal(random_crop_arr(flat, 32, np.random.default_rng(5)), 9)
+    np.testing.assert_array_equal(random_crop_arr(flat, 32, rng=np.random.default_rng(5)), 9)
 
 
 def test_random_flip(tmp_path):
@@ -340,3 +345,135 @@ def test_corrupt_image_is_named(tmp_path, workers):
         num_workers=workers,
     )
     assert "a_2.png" in str(err)
+
+
+# ------------------------------------------- guided-diffusion API that downstream code imports
+
+
+def _original_random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0):
+    """openai/guided-diffusion's image_datasets.random_crop_arr, verbatim (the reference)."""
+    min_smaller_dim_size = math.ceil(image_size / max_crop_frac)
+    max_smaller_dim_size = math.ceil(image_size / min_crop_frac)
+    smaller_dim_size = random.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
+    while min(*pil_image.size) >= 2 * smaller_dim_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = smaller_dim_size / min(*pil_image.size)
+    pil_image = pil_image.resize(
+        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
+    )
+    arr = np.array(pil_image)
+    crop_y = random.randrange(arr.shape[0] - image_size + 1)
+    crop_x = random.randrange(arr.shape[1] - image_size + 1)
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def _params(fn):
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_original_signatures():
+    empty = inspect.Parameter.empty
+    assert _params(center_crop_arr) == [("pil_image", empty), ("image_size", empty)]
+    assert _params(random_crop_arr)[:4] == [
+        ("pil_image", empty),
+        ("image_size", empty),
+        ("min_crop_frac", 0.8),
+        ("max_crop_frac", 1.0),
+    ]
+    assert _params(random_crop_arr)[4:] == [("rng", None)]  # optional addition
+    assert _params(ImageDataset.__init__)[1:8] == [
+        ("resolution", empty),
+        ("image_paths", empty),
+        ("classes", None),
+        ("shard", 0),
+        ("num_shards", 1),
+        ("random_crop", False),
+        ("random_flip", True),
+    ]
+
+
+def test_random_crop_arr_without_rng_matches_the_original():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    for seed in range(6):
+        for fracs in ((), (0.5, 0.9)):
+            random.seed(seed)
+            want = _original_random_crop_arr(img, 32, *fracs)
+            random.seed(seed)
+            np.testing.assert_array_equal(random_crop_arr(img, 32, *fracs), want)
+
+
+def test_image_dataset_with_the_original_keywords(tmp_path):
+    folder = _save_folder(tmp_path, [f"c{i % 2}_{i}.png" for i in range(5)], _value_images(5))
+    paths = list_image_files_recursively(str(folder))
+    ds = ImageDataset(
+        resolution=8,
+        image_paths=paths,
+        classes=[0, 1, 0, 1, 0],
+        shard=1,
+        num_shards=2,
+        random_crop=True,
+        random_flip=False,
+    )
+    assert ds.local_images == paths[1::2] and ds.local_classes == [1, 1]
+    assert len(ds) == 2
+    arr, out = ds[1]
+    assert arr.shape == (3, 8, 8) and out["y"] == 1
+    assert _ids(torch.from_numpy(arr)[None]) == [1]  # paths[3] = c1_1.png, all pixels 10
+
+
+@pytest.fixture
+def fresh_logger():
+    logger.reset()
+    yield
+    logger.reset()
+
+
+class _FakeComm:
+    """An mpi4py-like communicator of two ranks; the other rank logged loss = 3 once."""
+
+    def allgather(self, local):
+        return [local, ({"loss": 3.0}, {"loss": 1})]
+
+
+def test_logger_original_api(tmp_path, fresh_logger):
+    logger.configure(str(tmp_path / "outer"), format_strs=["csv"])
+    outer = logger.Logger.CURRENT
+    assert logger.get_current() is outer and outer.get_dir() == str(tmp_path / "outer")
+    with logger.scoped_configure(dir=str(tmp_path / "inner"), format_strs=["csv"]):
+        assert logger.get_dir() == str(tmp_path / "inner")
+        logger.logkv("a", 1)
+        logger.dumpkvs()
+    assert logger.Logger.CURRENT is outer and logger.get_dir() == str(tmp_path / "outer")
+    logger.logkv("b", 2)
+    logger.dumpkvs()
+    assert (tmp_path / "inner" / "progress.csv").read_text().split() == ["a", "1"]
+    assert (tmp_path / "outer" / "progress.csv").read_text().split() == ["b", "2"]
+
+    @logger.profile("step")
+    def step(x):
+        time.sleep(0.02)
+        return x + 1
+
+    assert step(1) == 2 and step.__name__ == "step"
+    with logger.profile_kv("io"):
+        time.sleep(0.01)
+    kvs = logger.getkvs()
+    assert kvs["wait_step"] >= 0.02 and kvs["wait_io"] >= 0.01
+    logger.dumpkvs()
+
+    logger.set_comm(_FakeComm())  # an mpi4py communicator, as in the original
+    logger.logkv_mean("loss", 1.0)
+    logger.logkv_mean("loss", 1.0)
+    assert logger.dumpkvs()["loss"] == pytest.approx((2 * 1.0 + 3.0) / 3)
+
+
+def test_logger_set_level(tmp_path, fresh_logger):
+    log = logger.Logger(str(tmp_path), [logger.HumanOutputFormat(str(tmp_path / "log.txt"))])
+    assert log.get_dir() == str(tmp_path)
+    log.set_level(logger.WARN)
+    log.log("hidden", level=logger.INFO)
+    log.log("shown", level=logger.WARN)
+    log.close()
+    assert (tmp_path / "log.txt").read_text() == "shown\n"
+    logger.set_level(logger.ERROR)
+    assert logger.get_current().level == logger.ERROR
