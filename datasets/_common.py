@@ -11,8 +11,11 @@ as ``_common`` from the script's own folder. It holds the pieces that every scri
   in sorted name order, through a per-image transform, into one uint8 NHWC array;
 * ``center_crop_resize``: the centre crop of ``load_data`` (imported from
   ``guided_diffusion.image_datasets``, the one implementation);
-* ``write_npz`` and ``write_image_folder``: outputs written atomically (temporary name, then
-  rename), so an interrupted run never leaves a half-written file or folder behind.
+* ``prepare_out_dir`` / ``check_out_file``: an output path that cannot be used (a file
+  where a folder is wanted, or the reverse) is a one-line error before any work;
+* ``write_npz`` and ``write_image_folder``: outputs written atomically (``write_npz`` through
+  ``guided_diffusion.io_util``, the project's one atomic write; a folder through a temporary
+  sibling that is renamed), so an interrupted run never leaves a half-written output behind.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    from guided_diffusion import io_util
+    from guided_diffusion.image_datasets import center_crop_arr
+except ImportError:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(REPO_ROOT))
+    from guided_diffusion import io_util
+    from guided_diffusion.image_datasets import center_crop_arr
 
 
 class PrepError(Exception):
@@ -214,11 +225,6 @@ def images_to_array(
 def center_crop_resize(img: Image.Image, size: int) -> np.ndarray:
     """``load_data``'s centre crop: BOX-halve while the short side >= 2 * size, BICUBIC-resize
     the short side to ``size``, crop the centre ``size`` x ``size``. Returns uint8 HWC."""
-    try:
-        from guided_diffusion.image_datasets import center_crop_arr
-    except ImportError:  # run from a checkout that is not pip-installed
-        sys.path.insert(0, str(REPO_ROOT))
-        from guided_diffusion.image_datasets import center_crop_arr
     return center_crop_arr(img, size)
 
 
@@ -247,6 +253,7 @@ def images_to_npz_main(
     args = parser.parse_args()
     if args.image_size < 1:
         parser.error("--image_size must be positive")
+    check_out_file(args.out, "--out")
     if make_transform is None:
         transform = lambda img: center_crop_resize(img, args.image_size)  # noqa: E731
     else:
@@ -258,14 +265,31 @@ def images_to_npz_main(
 # --------------------------------------------------------------------------- outputs
 
 
-def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """Write an uncompressed ``.npz`` atomically (temporary file in the same folder, rename)."""
+def prepare_out_dir(path: str | os.PathLike, flag: str = "--out_dir") -> Path:
+    """Create the output folder ``path`` (and its parents), or raise a one-line
+    ``PrepError`` naming ``flag`` when it cannot be (a file is in the way, no permission)."""
+    try:
+        return io_util.ensure_output_dir(path, flag)
+    except OSError as e:
+        raise PrepError(
+            str(e) if isinstance(e, NotADirectoryError) else f"{flag} {path}: {e}"
+        ) from None
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output file path that is not a folder; its folder is created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez does not append ".npz" to it
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise PrepError(f"{flag} {path} is a folder; pass a file path such as {path / 'out.npz'}")
+    prepare_out_dir(path.parent, f"{flag} {path}: folder")
+    return path
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write an uncompressed ``.npz`` atomically (``io_util.save_npz_atomic``); the folder is
+    created."""
+    path = check_out_file(path, "output")
+    io_util.save_npz_atomic(path, **arrays)
     shapes = ", ".join(f"{k} {a.dtype} {list(a.shape)}" for k, a in arrays.items())
     print(f"wrote {path}: {shapes}", file=sys.stderr)
 
@@ -285,6 +309,9 @@ def write_image_folder(
     it must be empty. ``save_kwargs`` go to ``PIL.Image.save``. Returns the number written.
     """
     out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepError(f"{out_dir} is a file, not a folder; pass a folder path (it is created)")
+    prepare_out_dir(out_dir.parent, f"{out_dir}: folder")
     if out_dir.exists() and not replace and any(out_dir.iterdir()):
         raise PrepError(f"{out_dir} exists and is not empty; remove it or choose another folder")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
-import shutil
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -28,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from _common import (
     PrepError,
+    io_util,
     planar_to_nhwc,
+    prepare_out_dir,
     run_cli,
     safe_pickle_load,
     write_image_folder,
@@ -43,31 +43,35 @@ FOLDER = "cifar-10-batches-py"
 
 
 def download(url: str, dest: Path, md5: str) -> Path:
-    """Download ``url`` to ``dest`` (temporary file, then rename) and check its MD5.
+    """Download ``url`` to ``dest`` and check its MD5 (``io_util.atomic_write``: ``dest``
+    appears only once complete and checked).
 
     An existing ``dest`` with the right MD5 is reused. Raises ``PrepError`` when offline or
     when the checksum differs.
     """
     if dest.is_file() and _md5(dest) == md5:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     print(f"downloading {url}", flush=True)
+
+    def write(f) -> None:
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                digest.update(block)
+        if digest.hexdigest() != md5:
+            raise PrepError(
+                f"{url}: MD5 {digest.hexdigest()} != expected {md5}; the download is corrupt"
+            )
+
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
+        io_util.atomic_write(dest, write)
     except OSError as e:  # URLError, timeouts, refused connections
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise PrepError(
             f"cannot download {url} ({reason}); without internet, fetch the archive elsewhere "
             "and pass --archive PATH"
         ) from None
-    got = _md5(tmp)
-    if got != md5:
-        tmp.unlink()
-        raise PrepError(f"{url}: MD5 {got} != expected {md5}; the download is corrupt")
-    os.replace(tmp, dest)
     return dest
 
 
@@ -130,7 +134,7 @@ def main() -> None:
     )
     parser.add_argument("--url", default=URL, help="download URL (a mirror of the archive)")
     args = parser.parse_args()
-    out = Path(args.out_dir)
+    out = prepare_out_dir(args.out_dir, "--out_dir")
     archive = args.archive or download(args.url, out / "cifar-10-python.tar.gz", MD5)
     for split, (images, labels) in read_archive(archive).items():
         names = [f"{CLASSES[label]}_{i:05d}.png" for i, label in enumerate(labels)]

@@ -19,7 +19,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
-from _common import PrepError, run_cli, write_image_folder, write_npz
+from _common import PrepError, prepare_out_dir, run_cli, write_image_folder, write_npz
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist/"
 PAD = 2  # 28 + 2 * 2 = 32
@@ -95,7 +95,7 @@ def main() -> None:
             f"Fashion-MNIST source folder {source} not found; install it with "
             "`apt-get install dataset-fashion-mnist` or pass --source DIR"
         )
-    out = Path(args.out_dir)
+    out = prepare_out_dir(args.out_dir, "--out_dir")
     train_x, train_y = load_split(source, "train")
     test_x, test_y = load_split(source, "t10k")
     write_npz(out / "fmnist_train.npz", arr_0=train_x, arr_1=train_y)

@@ -18,7 +18,14 @@ import math
 from pathlib import Path
 
 import numpy as np
-from _common import PrepError, planar_to_nhwc, run_cli, safe_pickle_load, write_npz
+from _common import (
+    PrepError,
+    planar_to_nhwc,
+    prepare_out_dir,
+    run_cli,
+    safe_pickle_load,
+    write_npz,
+)
 from tqdm import tqdm
 
 NUM_TRAIN_BATCHES = 10
@@ -83,6 +90,7 @@ def main() -> None:
         "--split", choices=("train", "val", "all"), default="all", help="which split to write"
     )
     args = parser.parse_args()
+    out = prepare_out_dir(args.out_dir, "--out_dir")
     source = Path(args.source)
     if not source.is_dir():
         raise PrepError(f"source folder not found: {source}")
@@ -93,7 +101,7 @@ def main() -> None:
         if result is None:
             continue
         images, labels = result
-        path = Path(args.out_dir) / f"imagenet{images.shape[1]}_{split}.npz"
+        path = out / f"imagenet{images.shape[1]}_{split}.npz"
         write_npz(path, arr_0=images, arr_1=labels)
         written += 1
     if not written:

@@ -9,7 +9,9 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import os
 import pickle
+import stat
 import subprocess
 import sys
 import tarfile
@@ -557,3 +559,54 @@ def test_image_folder_errors(tmp_path):
     proc = _run("ffhq128_npz", "--source", tmp_path / "f", "--out", tmp_path / "o.npz", ok=False)
     assert "cannot read image b.png" in proc.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def _last_line(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, fmnist_source, cifar_archive):
+    src, _ = fmnist_source
+    archive, _ = cifar_archive
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for script, args in (
+        ("fashion_mnist", ["--source", src]),
+        ("cifar10", ["--archive", archive]),
+        ("imagenet32_npz", ["--source", tmp_path]),
+    ):
+        for out_dir in (afile, afile / "sub"):
+            proc = _run(script, *args, "--out_dir", out_dir, ok=False)
+            assert "--out_dir" in _last_line(proc) and "is a file" in _last_line(proc), script
+    proc = _run("fashion_mnist", "--source", src, "--out_dir", afile, ok=False, subprocess_=True)
+    assert _last_line(proc) == (
+        f"fashion_mnist.py: error: --out_dir {afile} is a file, not a folder; pass a folder "
+        "path (it is created)"
+    )
+    assert afile.read_text() == "keep me"
+
+
+def test_out_file_that_is_a_folder_or_under_a_file(tmp_path):
+    _image_folder(tmp_path / "f", {"a.png": (16, 16)}, seed=7)
+    (tmp_path / "outdir").mkdir()
+    proc = _run("ffhq128_npz", "--source", tmp_path / "f", "--out", tmp_path / "outdir", ok=False)
+    assert f"--out {tmp_path / 'outdir'} is a folder" in _last_line(proc)
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "x.npz"
+    proc = _run("ffhq128_npz", "--source", tmp_path / "f", "--out", out, ok=False)
+    assert f"--out {out}: folder" in _last_line(proc) and "file" in _last_line(proc)
+
+
+def test_outputs_are_atomic_with_umask_permissions(tmp_path, fmnist_source):
+    src, _ = fmnist_source
+    old = os.umask(0o027)
+    try:
+        _run("fashion_mnist", "--source", src, "--out_dir", tmp_path / "o" / "new", "--no_png")
+    finally:
+        os.umask(old)
+    out = tmp_path / "o" / "new"
+    assert sorted(p.name for p in out.iterdir()) == ["fmnist_test.npz", "fmnist_train.npz"]
+    assert stat.S_IMODE((out / "fmnist_test.npz").stat().st_mode) == 0o640
