@@ -25,94 +25,86 @@ import argparse
 import json
 import os
 
-import numpy as np
-import torch
-
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
-from guided_diffusion.sample_util import build_diffusion, cli, load_unet
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from guided_diffusion.calibration import CalibrationResult, Evaluation, calibrate
+from guided_diffusion.cli import UserError, cli, start_script
+from guided_diffusion.io_util import atomic_write_bytes, save_npz_atomic
+from guided_diffusion.plots import plot_calibration
+from guided_diffusion.sample_util import build_diffusion, load_unet
+
+FIT_FLAGS = ["exclude_steps", "b_range", "tol", "max_evals", "max_evals_linear", "train_norm_csv"]
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = eb.measurement_defaults(num_samples=128, batch_size=128)
-    defaults.update(
-        exclude_steps="0",
-        b_range="0.95,1.10",
-        tol=1e-4,
-        max_evals=8,
-        max_evals_linear=5,
-        train_norm_csv="",
-    )
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(
-        parser,
-        defaults,
-        help=dict(
-            eb.measurement_help(),
-            exclude_steps="comma-separated step indices i left out of the objective "
-            "(0 = the last step; empty: none)",
-            b_range="LO,HI: the range searched for b (and for lambda at both ends of the "
-            "linear schedule)",
-            tol="stop when the next change of b (or of lambda, linear fit) is below this",
-            max_evals="most sampling passes for the uniform fit, the lambda = 1 pass included",
-            max_evals_linear="most sampling passes for the linear fit",
-            train_norm_csv="target curve: the train_norm column of an eps_norm.csv (same "
-            "respacing) instead of this model's own training curve",
-        ),
-    )
+    names = flags.MEASUREMENT_FLAGS + FIT_FLAGS + flags.MODEL_FLAGS + flags.DIFFUSION_FLAGS
+    flags.add_flags(parser, flags.flag_defaults(names, num_samples=128, batch_size=128))
     return parser
 
 
-def main() -> None:
-    args = eb.start_script(create_argparser())
-    b_range = eb.parse_float_pair(args.b_range, "b_range")
-    exclude = eb.parse_steps(args.exclude_steps, "exclude_steps")
-    if args.tol <= 0 or args.max_evals < 2 or args.max_evals_linear < 1:
-        raise ValueError("need --tol > 0, --max_evals >= 2 and --max_evals_linear >= 1")
-    device = dist_util.dev()
-    world = dist_util.get_world_size()
-    build_diffusion(args)  # bad respacing fails here, before loading
-    factory = eb.factory_from_args(args)
-    K = factory(1.0, 0.0).num_timesteps
-    bad = [i for i in exclude if not 0 <= i < K]
+def fit_ranges(args, steps: int):
+    """(b_range, excluded steps) from ``--b_range LO,HI`` and ``--exclude_steps I,J``."""
+    try:
+        lo, hi = (float(v) for v in args.b_range.split(","))
+    except ValueError:
+        raise UserError(
+            f"invalid --b_range {args.b_range!r}: expected LO,HI, e.g. 0.95,1.10"
+        ) from None
+    try:
+        exclude = [int(v) for v in args.exclude_steps.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(
+            f"invalid --exclude_steps {args.exclude_steps!r}: expected step indices, e.g. 0,1"
+        ) from None
+    if not 0 < lo < hi:
+        raise UserError(f"invalid --b_range {args.b_range!r}: need 0 < LO < HI")
+    bad = [i for i in exclude if not 0 <= i < steps]
     if bad:
-        raise ValueError(f"--exclude_steps {bad} outside the step indices 0..{K - 1}")
-    batches = eb.script_data_share(args, batch_size=args.num_samples)
+        raise UserError(f"--exclude_steps {bad} outside the step indices 0..{steps - 1}")
+    return (lo, hi), exclude
+
+
+def main() -> None:
+    args = start_script(create_argparser(), "measure")
+    device, world = dist_util.dev(), dist_util.get_world_size()
+    if args.num_samples < 2:
+        n = args.num_samples
+        raise UserError(f"--num_samples must be at least 2 for the standard error of b, got {n}")
+    diffusion = build_diffusion(args)  # bad respacing fails here, before loading
+    K = diffusion.num_timesteps
+    b_range, exclude = fit_ranges(args, K)
+    csv = args.train_norm_csv
+    train_norm = eb.read_train_norm(csv, K, "--train_norm_csv") if csv else None
+    share = eb.data_share(
+        args.data_dir,
+        args.num_samples,
+        None,  # one batch: every candidate lambda resamples the whole share
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        in_channels=args.in_channels,
+        rank=dist_util.get_rank(),
+        world=world,
+        device=device,
+    )
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
-    idx, x0, kwargs = next(batches, (np.zeros(0, dtype=np.int64), None, {}))
-    if x0 is None:  # more processes than samples: this one has none
-        x0 = torch.zeros((0, 3, args.image_size, args.image_size), device=device)
+    idx, x0, kwargs = next(share)
     sampler = "ddim" if args.use_ddim else "ddpm"
     logger.log(
         f"calibrating on {args.num_samples} samples: {K} steps ({sampler}), b in {b_range}, "
         f"excluded steps {exclude}, {world} process(es) on {device}"
     )
 
-    def gather(rows: np.ndarray) -> np.ndarray:
-        return eb.gather_rows(idx, {"r": rows}, dist_util.all_gather_object)["r"]
-
-    def report(ev: eb.Evaluation) -> None:
+    def report(ev: Evaluation) -> None:
         logger.log(
             f"pass {ev.phase:8s} k = {ev.k:+.6f} b = {ev.b:.6f}: mean gap {ev.gap:+.5f} "
             f"(s.e. {ev.gap_se:.5f}), rms {ev.rms_gap:.5f}, slope {ev.slope:+.5f}"
         )
 
-    train_norm = None
-    if args.train_norm_csv:
-        table = eb.read_csv(args.train_norm_csv)
-        if "train_norm" not in table or len(table["train_norm"]) != K:
-            raise ValueError(
-                f"--train_norm_csv {args.train_norm_csv} needs a train_norm column with {K} rows "
-                "(an eps_norm.csv of the same respacing)"
-            )
-        order = np.argsort(table["step"])  # rows run from the noisiest step; index by i
-        train_norm = np.asarray(table["train_norm"], dtype=np.float64)[order]
-    result = eb.calibrate(
+    result = calibrate(
         model,
-        factory,
+        diffusion,
         x0,
         seeds=eb.sample_seeds(args.seed, idx),
         model_kwargs=kwargs,
@@ -124,22 +116,21 @@ def main() -> None:
         max_evals=args.max_evals,
         max_evals_linear=args.max_evals_linear,
         batch_size=args.batch_size,
-        gather=gather,
-        callback=report,
         train_norm=train_norm,
+        gather=lambda rows: eb.gather_rows(idx, {"r": rows}, dist_util.all_gather_object)["r"],
+        callback=report,
     )
     dist_util.on_rank0(write_outputs, args, result)
     dist_util.cleanup()
 
 
-def write_outputs(args, result: eb.CalibrationResult) -> None:
+def write_outputs(args, result: CalibrationResult) -> None:
     """Rank 0: calibration.json / .npz / .png, and the flags to paste."""
-    info = result.to_json()
-    info["run_flags"] = dict(vars(args))
-    with open(os.path.join(args.log_dir, "calibration.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    np.savez(os.path.join(args.log_dir, "calibration.npz"), **result.curves())
-    eb.plot_calibration(os.path.join(args.log_dir, "calibration.png"), result)
+    out = args.log_dir
+    info = {**result.to_json(), "run_flags": dict(vars(args))}  # the fits first: unsorted
+    atomic_write_bytes(json.dumps(info, indent=1).encode(), os.path.join(out, "calibration.json"))
+    save_npz_atomic(os.path.join(out, "calibration.npz"), **result.curves())
+    plot_calibration(os.path.join(out, "calibration.png"), result)
     logger.log(
         f"uniform: b = {result.uniform.b:.5f} (s.e. {result.uniform_b_se:.4f}, closed-loop "
         f"gain {result.uniform_gain:.3f}, {result.uniform_status}); linear: k = "
@@ -148,7 +139,7 @@ def write_outputs(args, result: eb.CalibrationResult) -> None:
     )
     if result.uniform_status != "converged":
         logger.warn(f"the uniform fit did not converge ({result.uniform_status}): widen --b_range?")
-    logger.log(f"wrote calibration.json, .npz and .png to {args.log_dir}")
+    logger.log(f"wrote calibration.json, .npz and .png to {out}")
     print(result.flags("uniform"), flush=True)
     print(result.flags("linear"), flush=True)
 

@@ -22,111 +22,97 @@ on the number of processes.
 """
 
 import argparse
-import json
 import os
 
 import numpy as np
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
-from guided_diffusion.sample_util import build_diffusion, cli, load_unet
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from guided_diffusion.cli import cli, progress_bar, start_script
+from guided_diffusion.io_util import save_npz_atomic, write_csv, write_json_atomic
+from guided_diffusion.plots import plot_eps_norm
+from guided_diffusion.sample_util import build_diffusion, load_unet
+
+CSV_COLUMNS = ("step", "t", "train_norm", "sample_norm")
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = eb.measurement_defaults(num_samples=512, batch_size=64)
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=eb.measurement_help())
+    names = flags.MEASUREMENT_FLAGS + flags.MODEL_FLAGS + flags.DIFFUSION_FLAGS
+    flags.add_flags(parser, flags.flag_defaults(names, num_samples=512, batch_size=64))
     return parser
 
 
 def main() -> None:
-    args = eb.start_script(create_argparser())
-    device = dist_util.dev()
-    world = dist_util.get_world_size()
+    args = start_script(create_argparser(), "measure")
+    device, world = dist_util.dev(), dist_util.get_world_size()
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
-    batches = eb.script_data_share(args, batch_size=args.batch_size)
+    batches = eb.data_share(
+        args.data_dir,
+        args.num_samples,
+        args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        in_channels=args.in_channels,
+        rank=dist_util.get_rank(),
+        world=world,
+        device=device,
+    )
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
-    K = diffusion.num_timesteps
     sampler = "ddim" if args.use_ddim else "ddpm"
     logger.log(
-        f"eps norms of {args.num_samples} samples: {K} steps ({sampler}), lambda_i = "
-        f"{args.eps_scaler_k} * i + {args.eps_scaler}, {world} process(es) on {device}"
+        f"eps norms of {args.num_samples} samples: {diffusion.num_timesteps} steps ({sampler}), "
+        f"lambda_i = {args.eps_scaler_k} * i + {args.eps_scaler}, {world} process(es) on {device}"
     )
-
-    indices, train, raw = [np.zeros(0, dtype=np.int64)], [np.zeros((0, K))], [np.zeros((0, K))]
-    bar = eb.progress_bar(args.num_samples, args.progress, "eps norms")
+    K = diffusion.num_timesteps
+    index, train, raw = [np.zeros(0, dtype=np.int64)], [np.zeros((0, K))], [np.zeros((0, K))]
+    bar = progress_bar(args.num_samples, "eps norms", enabled=args.progress)
     for idx, x0, kwargs in batches:
         seeds = eb.sample_seeds(args.seed, idx)
         train.append(eb.train_eps_norms(diffusion, model, x0, seeds, model_kwargs=kwargs))
-        run = eb.sampling_pass(
-            diffusion,
-            model,
-            x0,
-            seeds,
-            sampler=sampler,
-            clip_denoised=args.clip_denoised,
-            model_kwargs=kwargs,
-        )
-        raw.append(run.eps_norm)
-        indices.append(idx)
-        if bar is not None:
-            bar.update(min(len(idx) * world, bar.total - bar.n))
-    if bar is not None:
-        bar.close()
-    rows = eb.gather_rows(
-        np.concatenate(indices),
-        {"train": np.concatenate(train), "raw": np.concatenate(raw)},
-        dist_util.all_gather_object,
-    )
+        opts = dict(sampler=sampler, clip_denoised=args.clip_denoised, model_kwargs=kwargs)
+        raw.append(eb.sampling_pass(diffusion, model, x0, seeds, **opts).eps_norm)
+        index.append(idx)
+        bar.update(min(len(idx) * world, bar.total - bar.n))
+    bar.close()
+    local = {"train": np.concatenate(train), "raw": np.concatenate(raw)}
+    rows = eb.gather_rows(np.concatenate(index), local, dist_util.all_gather_object)
     dist_util.on_rank0(write_outputs, args, diffusion, rows["train"], rows["raw"])
     dist_util.cleanup()
 
 
 def write_outputs(args, diffusion, train: np.ndarray, raw: np.ndarray) -> None:
-    """Rank 0: the CSV, npz, plot and flags of the run (arrays indexed by step i on input)."""
+    """Rank 0: the CSV, npz, plot and flags of the run (per-sample rows (N, K) by step i)."""
     lam = np.asarray(diffusion.eps_scale, dtype=np.float64)
     scaled = raw / lam
-    t = eb.original_timesteps(diffusion)
-    order = np.arange(diffusion.num_timesteps)[::-1]  # file rows: noisiest step first
-    curves = {
-        "step": order,
-        "t": t[order],
-        "train_norm": train.mean(0)[order],
-        "sample_norm": scaled.mean(0)[order],
-    }
-    eb.write_csv(os.path.join(args.log_dir, "eps_norm.csv"), curves)
-    np.savez(
-        os.path.join(args.log_dir, "eps_norm.npz"),
-        **curves,
-        sample_norm_raw=raw.mean(0)[order],
-        train_norm_std=train.std(0)[order],
-        sample_norm_std=scaled.std(0)[order],
-        train_norm_per_sample=train[:, order],
-        sample_norm_per_sample=scaled[:, order],
-        **{"lambda": lam[order]},
+    rows = eb.file_rows(
+        diffusion,
+        dict(
+            train_norm=train.mean(0),
+            sample_norm=scaled.mean(0),
+            sample_norm_raw=raw.mean(0),
+            train_norm_std=train.std(0),
+            sample_norm_std=scaled.std(0),
+            train_norm_per_sample=train,
+            sample_norm_per_sample=scaled,
+            **{"lambda": lam},
+        ),
     )
-    sampler = "DDIM" if args.use_ddim else "DDPM"
-    plot = {"training": curves["train_norm"], "sampling (eps / lambda)": curves["sample_norm"]}
+    out = args.log_dir
+    write_csv(os.path.join(out, "eps_norm.csv"), {k: rows[k] for k in CSV_COLUMNS})
+    save_npz_atomic(os.path.join(out, "eps_norm.npz"), **rows)
+    plot = {"training": rows["train_norm"], "sampling (eps / lambda)": rows["sample_norm"]}
     if np.any(lam != 1.0):
-        plot["sampling, raw eps"] = raw.mean(0)[order]
-    eb.plot_eps_norm(
-        os.path.join(args.log_dir, "eps_norm.png"),
-        curves["t"],
-        plot,
-        f"{len(train)} samples, {diffusion.num_timesteps} steps ({sampler}), "
-        f"lambda_i = {args.eps_scaler_k:g} i + {args.eps_scaler:g}",
-    )
-    with open(os.path.join(args.log_dir, "eps_norm_flags.json"), "w") as f:
-        json.dump(vars(args), f, indent=1, sort_keys=True)
-    g = eb.relative_gap(curves["sample_norm"], curves["train_norm"])
-    logger.log(
-        "relative gap sample/train - 1 per step (noisiest first): "
-        + " ".join(f"{v:+.4f}" for v in g)
-    )
-    logger.log(f"wrote eps_norm.csv, eps_norm.npz and eps_norm.png to {args.log_dir}")
+        plot["sampling, raw eps"] = rows["sample_norm_raw"]
+    sampler = "DDIM" if args.use_ddim else "DDPM"
+    title = f"{len(train)} samples, {diffusion.num_timesteps} steps ({sampler}), "
+    title += f"lambda_i = {args.eps_scaler_k:g} i + {args.eps_scaler:g}"
+    plot_eps_norm(os.path.join(out, "eps_norm.png"), rows["t"], plot, title)
+    write_json_atomic(os.path.join(out, "eps_norm_flags.json"), vars(args))
+    gap = " ".join(f"{v:+.4f}" for v in eb.relative_gap(rows["sample_norm"], rows["train_norm"]))
+    logger.log(f"relative gap sample/train - 1 per step (noisiest first): {gap}")
+    logger.log(f"wrote eps_norm.csv, eps_norm.npz and eps_norm.png to {out}")
 
 
 if __name__ == "__main__":

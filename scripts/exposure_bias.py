@@ -25,150 +25,113 @@ flags as JSON.
 """
 
 import argparse
-import json
 import os
 
-import numpy as np
-
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
-from guided_diffusion.sample_util import build_diffusion, cli, load_unet
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from guided_diffusion.cli import UserError, cli, progress_bar, start_script
+from guided_diffusion.io_util import save_npz_atomic, write_csv, write_json_atomic
+from guided_diffusion.plots import plot_delta
+from guided_diffusion.sample_util import build_diffusion, load_unet
 
-MODES = ("consecutive", "each_step")
+RUN_FLAGS = ["mode", "compare_eps_scaler", "compare_eps_scaler_k"]
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = eb.measurement_defaults(num_samples=512, batch_size=64)
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=eb.measurement_help())
-    parser.add_argument(
-        "--mode",
-        default="consecutive",
-        choices=MODES,
-        help="consecutive sampling from q(x_T | x_0), or one reverse step from a true x_t "
-        "at each step (default: 'consecutive')",
-    )
-    parser.add_argument(
-        "--compare_eps_scaler",
-        type=float,
-        default=None,
-        help="also measure with Epsilon Scaling b = this (same samples and noise) and plot "
-        "both (default: off)",
-    )
-    parser.add_argument(
-        "--compare_eps_scaler_k",
-        type=float,
-        default=0.0,
-        help="k of the comparison schedule lambda_i = k*i + b (default: 0.0)",
-    )
+    names = flags.MEASUREMENT_FLAGS + RUN_FLAGS + flags.MODEL_FLAGS + flags.DIFFUSION_FLAGS
+    flags.add_flags(parser, flags.flag_defaults(names, num_samples=512, batch_size=64))
     return parser
 
 
+def comparison(args, main):
+    """The diffusion of --compare_eps_scaler B --compare_eps_scaler_k K (None: B = 0, off),
+    its schedule checked here so that an error names these flags."""
+    b, k, K = args.compare_eps_scaler, args.compare_eps_scaler_k, main.num_timesteps
+    if b == 0 and k != 0:
+        raise UserError("--compare_eps_scaler_k needs --compare_eps_scaler B > 0 (0 = off)")
+    if b > 0 and b + k * (K - 1) <= 0:  # b > 0: lambda_i = k*i + b is smallest at i = K-1
+        raise UserError(
+            f"--compare_eps_scaler {b:g} --compare_eps_scaler_k {k:g} gives lambda_{K - 1} = "
+            f"{b + k * (K - 1):g} at step {K - 1}; lambda_i = k*i + b must be positive at every "
+            f"step: use --compare_eps_scaler_k > {-b / (K - 1):.4g} for this b"
+        )
+    return main.with_eps_scaler(b, k) if b > 0 else None
+
+
 def main() -> None:
-    args = eb.start_script(create_argparser())
-    device = dist_util.dev()
-    world = dist_util.get_world_size()
+    args = start_script(create_argparser(), "measure")
+    device, world = dist_util.dev(), dist_util.get_world_size()
     if args.num_samples < 2:
-        raise ValueError(
+        raise UserError(
             f"--num_samples must be at least 2 for a standard deviation, got {args.num_samples}"
         )
-    runs = {"main": build_diffusion(args)}  # bad respacing or lambda fails here
-    if args.compare_eps_scaler is not None:
-        runs["compare"] = runs["main"].with_eps_scaler(
-            args.compare_eps_scaler, args.compare_eps_scaler_k
-        )
-    batches = eb.script_data_share(args, batch_size=args.batch_size)
+    diffusion = build_diffusion(args)  # bad respacing or lambda fails here
+    runs = {"main": diffusion, "compare": comparison(args, diffusion)}
+    runs = {name: d for name, d in runs.items() if d is not None}
+    batches = eb.data_share(
+        args.data_dir,
+        args.num_samples,
+        args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        in_channels=args.in_channels,
+        rank=dist_util.get_rank(),
+        world=world,
+        device=device,
+    )
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     sampler = "ddim" if args.use_ddim else "ddpm"
-    K = runs["main"].num_timesteps
     logger.log(
-        f"delta_t ({args.mode}) of {args.num_samples} samples: {K} steps ({sampler}), "
-        f"{world} process(es) on {device}"
+        f"delta_t ({args.mode}) of {args.num_samples} samples: {diffusion.num_timesteps} "
+        f"steps ({sampler}), {world} process(es) on {device}"
     )
-
     moments = {name: (None, None) for name in runs}
-    bar = eb.progress_bar(args.num_samples, args.progress, f"delta_t {args.mode}")
+    bar = progress_bar(args.num_samples, f"delta_t {args.mode}", enabled=args.progress)
     for idx, x0, kwargs in batches:
         seeds = eb.sample_seeds(args.seed, idx)
-        for name, diffusion in runs.items():
-            opts = dict(sampler=sampler, clip_denoised=args.clip_denoised, model_kwargs=kwargs)
+        opts = dict(sampler=sampler, clip_denoised=args.clip_denoised, model_kwargs=kwargs)
+        for name, d in runs.items():
             if args.mode == "consecutive":
-                run = eb.sampling_pass(diffusion, model, x0, seeds, with_moments=True, **opts)
+                run = eb.sampling_pass(d, model, x0, seeds, with_moments=True, **opts)
                 rows, final = run.moments, run.final
             else:
-                rows, final = eb.each_step_pass(diffusion, model, x0, seeds, **opts)
-            old_rows, old_final = moments[name]
-            moments[name] = (
-                eb.merge_moments([old_rows, rows]),
-                eb.merge_moments([old_final, final]),
-            )
-        if bar is not None:
-            bar.update(min(len(idx) * world, bar.total - bar.n))
-    if bar is not None:
-        bar.close()
+                rows, final = eb.each_step_pass(d, model, x0, seeds, **opts)
+            moments[name] = tuple(eb.merge_moments(m) for m in zip(moments[name], (rows, final)))
+        bar.update(min(len(idx) * world, bar.total - bar.n))
+    bar.close()
     gathered = dist_util.all_gather_object(moments)  # every rank's moments, in rank order
-
-    def finish() -> None:
-        curves = {}
-        for name, diffusion in runs.items():
-            rows = eb.merge_moments(g[name][0] for g in gathered)
-            final = eb.merge_moments(g[name][1] for g in gathered)
-            curves[name] = eb.delta_curve(rows, final, diffusion.alphas_cumprod)
-        write_outputs(args, runs, curves)
-
-    dist_util.on_rank0(finish)
+    dist_util.on_rank0(write_outputs, args, runs, gathered)
     dist_util.cleanup()
 
 
-def _label(diffusion) -> str:
-    return f"lambda_i = {diffusion.eps_scaler_k:g} i + {diffusion.eps_scaler:g}"
-
-
-def write_outputs(args, runs: dict, curves: dict) -> None:
-    """Rank 0: CSVs, npz, plot and flags (curves indexed by step i on input)."""
-    main = runs["main"]
-    K = main.num_timesteps
-    order = np.arange(K)[::-1]  # file rows: noisiest step first
-    t = eb.original_timesteps(main)[order]
-    arrays = {"step": order, "t": t}
-    for name, c in curves.items():
-        table = {
-            "step": order,
-            "t": t,
-            "sigma_hat": c["sigma_hat"][order],
-            "expected_sigma": c["expected_sigma"][order],
-            "delta": c["delta"][order],
-        }
-        suffix = "" if name == "main" else "_compare"
-        eb.write_csv(os.path.join(args.log_dir, f"exposure_bias{suffix}.csv"), table)
-        prefix = "" if name == "main" else "compare_"
-        arrays[f"{prefix}sigma_hat"] = table["sigma_hat"]
-        arrays[f"{prefix}delta"] = table["delta"]
-        arrays[f"{prefix}final_sigma_hat"] = c["final_sigma_hat"]
-        arrays[f"{prefix}lambda"] = np.asarray(runs[name].eps_scale)[order]
-        logger.log(
-            f"{_label(runs[name])}: delta (noisiest first) "
-            + " ".join(f"{v:.4g}" for v in table["delta"])
-            + f"; final sigma_hat {float(c['final_sigma_hat']):.4g}"
+def write_outputs(args, runs: dict, gathered: list) -> None:
+    """Rank 0: merge the ranks' moments into delta_t; CSVs, npz, plot and flags."""
+    arrays, plotted = {}, {}
+    for name, diffusion in runs.items():
+        rows, final = (eb.merge_moments(g[name][j] for g in gathered) for j in (0, 1))
+        curve = eb.delta_curve(rows, final, diffusion.alphas_cumprod)
+        c = eb.file_rows(diffusion, {**curve, "lambda": diffusion.eps_scale})
+        suffix, prefix = ("", "") if name == "main" else ("_compare", "compare_")
+        csv = os.path.join(args.log_dir, f"exposure_bias{suffix}.csv")
+        write_csv(csv, {k: c[k] for k in ("step", "t", "sigma_hat", "expected_sigma", "delta")})
+        arrays.update({k: c[k] for k in ("step", "t", "expected_sigma")})
+        arrays.update(
+            {prefix + k: c[k] for k in ("sigma_hat", "delta", "final_sigma_hat", "lambda")}
         )
-    arrays["expected_sigma"] = curves["main"]["expected_sigma"][order]
-    np.savez(os.path.join(args.log_dir, "exposure_bias.npz"), **arrays)
+        label = f"lambda_i = {diffusion.eps_scaler_k:g} i + {diffusion.eps_scaler:g}"
+        plotted[label] = c
+        deltas = " ".join(f"{v:.4g}" for v in c["delta"])
+        final = f"final sigma_hat {float(c['final_sigma_hat']):.4g}"
+        logger.log(f"{label}: delta (noisiest first) {deltas}; {final}")
     sampler = "DDIM" if args.use_ddim else "DDPM"
-    eb.plot_delta(
-        os.path.join(args.log_dir, "exposure_bias.png"),
-        t,
-        arrays["expected_sigma"],
-        {
-            _label(runs[name]): {k: c[k][order] for k in ("sigma_hat", "delta")}
-            for name, c in curves.items()
-        },
-        f"delta_t ({args.mode}), {args.num_samples} samples, {K} steps ({sampler})",
-    )
-    with open(os.path.join(args.log_dir, "exposure_bias_flags.json"), "w") as f:
-        json.dump(vars(args), f, indent=1, sort_keys=True)
+    K = runs["main"].num_timesteps
+    title = f"delta_t ({args.mode}), {args.num_samples} samples, {K} steps ({sampler})"
+    png = os.path.join(args.log_dir, "exposure_bias.png")
+    plot_delta(png, arrays["t"], arrays["expected_sigma"], plotted, title)
+    save_npz_atomic(os.path.join(args.log_dir, "exposure_bias.npz"), **arrays)
+    write_json_atomic(os.path.join(args.log_dir, "exposure_bias_flags.json"), vars(args))
     logger.log(f"wrote exposure_bias.csv, .npz and .png to {args.log_dir}")
 
 

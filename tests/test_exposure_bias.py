@@ -26,19 +26,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from guided_diffusion import exposure_bias as eb
+from guided_diffusion.calibration import CalibrationResult, calibrate
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
+from guided_diffusion.io_util import read_csv, save_png, write_csv
+from guided_diffusion.plots import plot_fid_curve, side_by_side
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 from conftest import GOLDEN, ROOT
 
 S = 0.01  # data std: small, so x_0 ~ mu and the oracle's x_0 uncertainty is tiny
 K = 10
-FACTORY = eb.diffusion_factory(
+DIFF = create_gaussian_diffusion(
     steps=1000, noise_schedule="linear", timestep_respacing=str(K), sigma_small=True
 )
-DIFF = FACTORY(1.0, 0.0)
 TMAP = torch.tensor(DIFF.timestep_map)
 
 
@@ -121,7 +124,7 @@ def wide():
 
 
 def consecutive(model, x0, seeds, b=1.0, k=0.0, sampler="ddpm"):
-    d = FACTORY(b, k)
+    d = DIFF.with_eps_scaler(b, k)
     run = eb.sampling_pass(
         d, model, x0, seeds, sampler=sampler, clip_denoised=False, with_moments=True
     )
@@ -153,21 +156,6 @@ def test_noise_and_moments_do_not_depend_on_batching(small):
     resid = np.stack([h for h in np.random.default_rng(0).normal(size=(12, 2, 3))])
     m = eb.Moments.of(torch.from_numpy(resid[:7])).merge(eb.Moments.of(torch.from_numpy(resid[7:])))
     np.testing.assert_allclose(m.std(), resid.std(axis=0, ddof=1), rtol=1e-12)
-
-
-def test_find_root_1d():
-    calls = []
-
-    def f(x):
-        calls.append(x)
-        return 0.08 * (1.0317 - x) + 0.3 * (1.0317 - x) ** 2  # flat, like the closed loop
-
-    x, status = eb.find_root_1d(f, 1.0, f(1.0), 1.05, 0.95, 1.10, 1e-4, 8)
-    assert status == "converged" and abs(x - 1.0317) < 1e-4 and len(calls) <= 6
-    x, status = eb.find_root_1d(lambda x: x - 1.3, 1.0, -0.3, 1.05, 0.95, 1.10, 1e-4, 8)
-    assert status == "at_bound" and x == 1.10
-    x, status = eb.find_root_1d(lambda x: (x - 1) ** 2 + 0.01, 1.0, 0.01, 1.05, 0.9, 1.1, 1e-4, 8)
-    assert status == "no_root"
 
 
 # ----------------------------------------------------------------------------- the exact oracle
@@ -227,8 +215,8 @@ def test_calibration_recovers_sampling_time_inflation(wide, c):
     mu, x0, seeds = wide
     exact = GaussOracle(mu)
     train = eb.train_eps_norms(DIFF, exact, x0, seeds).mean(0)
-    res = eb.calibrate(
-        GaussOracle(mu, c=c), FACTORY, x0, seeds=seeds, clip_denoised=False, train_norm=train
+    res = calibrate(
+        GaussOracle(mu, c=c), DIFF, x0, seeds=seeds, clip_denoised=False, train_norm=train
     )
     assert res.uniform_status == "converged"
     assert abs(res.uniform.b - c) < 0.02 * c, res.to_json()["uniform"]
@@ -254,7 +242,7 @@ def test_linear_fit_recovers_a_linear_schedule(small):
     x0, seeds = x0[:256], seeds[:256]
     ref = eb.sampling_pass(DIFF, GaussOracle(mu), x0, seeds, clip_denoised=False).eps_norm
     model = GaussOracle(mu, c=linear_c(0.004, 0.98))
-    res = eb.calibrate(model, FACTORY, x0, seeds=seeds, clip_denoised=False, train_norm=ref.mean(0))
+    res = calibrate(model, DIFF, x0, seeds=seeds, clip_denoised=False, train_norm=ref.mean(0))
     assert abs(res.linear.k - 0.004) < 1e-4 and abs(res.linear.b - 0.98) < 1e-3
     assert res.linear.rms_gap < 0.2 * res.uniform.rms_gap
     info = res.to_json()
@@ -272,7 +260,7 @@ def test_uniformly_scaled_model_is_not_identified_by_norm_matching(small):
     (documented limitation of the objective; linear-Gaussian theory gives ~0.92 here)."""
     mu, x0, seeds = small
     model = GaussOracle(mu, c=1.05)
-    res = eb.calibrate(model, FACTORY, x0, seeds=seeds, clip_denoised=False, b_range=(0.8, 1.2))
+    res = calibrate(model, DIFF, x0, seeds=seeds, clip_denoised=False, b_range=(0.8, 1.2))
     assert res.uniform.b < 0.97, res.to_json()["uniform"]
 
 
@@ -357,7 +345,7 @@ def test_eps_norm_script_one_and_two_processes(data, tmp_path):
     out = tmp_path / "one"
     header = (out / "eps_norm.csv").read_text().splitlines()[0]
     assert header == "step,t,train_norm,sample_norm"
-    table = eb.read_csv(out / "eps_norm.csv")
+    table = read_csv(out / "eps_norm.csv")
     check_rows(table, tiny_diffusion())
     z = np.load(out / "eps_norm.npz")
     for key in ("step", "t", "train_norm", "sample_norm"):
@@ -370,7 +358,7 @@ def test_eps_norm_script_one_and_two_processes(data, tmp_path):
 
     args2 = [*base_args(data, tmp_path / "two"), "--num_samples", 6, "--batch_size", 4]
     run_script("eps_norm.py", [*args2, "--eps_scaler", 1.02], n=2)
-    two = eb.read_csv(tmp_path / "two" / "eps_norm.csv")
+    two = read_csv(tmp_path / "two" / "eps_norm.csv")
     for key in table:
         np.testing.assert_allclose(two[key], table[key], rtol=1e-5)
 
@@ -384,7 +372,7 @@ def test_exposure_bias_script_consecutive_with_comparison(data, tmp_path):
     for name, prefix in (("exposure_bias.csv", ""), ("exposure_bias_compare.csv", "compare_")):
         path = tmp_path / name
         assert path.read_text().splitlines()[0] == "step,t,sigma_hat,expected_sigma,delta"
-        table = eb.read_csv(path)
+        table = read_csv(path)
         check_rows(table, diffusion)
         np.testing.assert_allclose(table["expected_sigma"], expected, rtol=1e-7)
         np.testing.assert_allclose(
@@ -403,7 +391,7 @@ def test_exposure_bias_script_consecutive_with_comparison(data, tmp_path):
 def test_exposure_bias_script_each_step_ddim(data, tmp_path):
     args = [*base_args(data, tmp_path, steps="ddim4"), "--num_samples", 6]
     run_script("exposure_bias.py", [*args, "--mode", "each_step", "--use_ddim", "True"])
-    table = eb.read_csv(tmp_path / "exposure_bias.csv")
+    table = read_csv(tmp_path / "exposure_bias.csv")
     check_rows(table, tiny_diffusion("ddim4"))
     assert (
         np.all(np.isfinite(table["delta"]))
@@ -428,14 +416,17 @@ def test_calibrate_script(data, tmp_path):
     i = int(np.argmin(np.abs(z["eval_b"] - info["uniform"]["b"]) + np.abs(z["eval_k"])))
     np.testing.assert_allclose(z["sample_norm_uniform"], z["eval_sample_norm"][i])
     check_png(tmp_path / "calibration.png")
+    saved = CalibrationResult.from_json(info)  # what the demo reuses
+    assert [saved.flags("uniform"), saved.flags("linear")] == flags
+    np.testing.assert_array_equal(saved.uniform.sample_norm, z["sample_norm_uniform"])
 
 
 def test_calibrate_script_with_external_target_curve(data, tmp_path):
     """--train_norm_csv: the target is another curve (here the model's own, scaled by 0.9)."""
     run_script("eps_norm.py", [*base_args(data, tmp_path / "n"), "--num_samples", 8])
-    table = eb.read_csv(tmp_path / "n" / "eps_norm.csv")
+    table = read_csv(tmp_path / "n" / "eps_norm.csv")
     table["train_norm"] = table["train_norm"] * 0.9
-    eb.write_csv(tmp_path / "target.csv", table)
+    write_csv(tmp_path / "target.csv", table)
     args = [
         *base_args(data, tmp_path / "c"),
         "--num_samples",
@@ -453,7 +444,7 @@ def test_calibrate_script_with_external_target_curve(data, tmp_path):
     np.testing.assert_allclose(info["train_norm"], want, rtol=1e-7)  # the CSV keeps 9 digits
     bad = [*base_args(data, tmp_path / "d"), "--train_norm_csv", tmp_path / "n" / "log.txt"]
     proc = run_script("calibrate_eps_scaler.py", bad, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--train_norm_csv" in _one_error_line(proc.stderr)
 
 
 def _one_error_line(err: str) -> str:
@@ -480,9 +471,21 @@ def test_missing_data_is_a_one_line_error(tmp_path):
         ("exposure_bias.py", ["--num_samples", 100], "exceeds the 24 images"),
         ("exposure_bias.py", ["--num_samples", 1], "at least 2"),
         ("exposure_bias.py", ["--mode", "sideways"], "invalid choice"),
-        ("exposure_bias.py", ["--compare_eps_scaler", "-1"], "must be positive"),
         ("calibrate_eps_scaler.py", ["--b_range", "1.1,0.9"], "need 0 < LO < HI"),
+        ("calibrate_eps_scaler.py", ["--b_range", "1.1"], "expected LO,HI"),
         ("calibrate_eps_scaler.py", ["--exclude_steps", "7"], "outside the step indices"),
+        ("calibrate_eps_scaler.py", ["--exclude_steps", "last"], "invalid --exclude_steps"),
+        (
+            "calibrate_eps_scaler.py",
+            ["--num_samples", 1],
+            "--num_samples must be at least 2 for the standard error of b, got 1",
+        ),
+        pytest.param(
+            "eps_norm.py",
+            ["--eps_scaler_k", "-0.5"],
+            "--eps_scaler_k -0.5",
+            marks=pytest.mark.filterwarnings("ignore:--eps_scaler_k -0.5 lies far outside"),
+        ),
         ("calibrate_eps_scaler.py", ["--timestep_respacing", "2000"], "cannot take 2000"),
     ],
 )
@@ -494,3 +497,97 @@ def test_bad_input_one_line_errors(data, tmp_path, monkeypatch, capsys, script, 
         runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
     assert exc.value.code == 2
     assert match in _one_error_line(capsys.readouterr().err)
+
+
+def test_negative_comparison_scaler_names_its_flag(data, tmp_path):
+    """End to end, in its own process: the error names the flag the user gave."""
+    args = [*base_args(data, tmp_path), "--num_samples", 4, "--compare_eps_scaler", "-1"]
+    proc = run_script("exposure_bias.py", args, check=False)
+    line = _one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "--compare_eps_scaler must be" in line and "-1" in line
+    assert "--eps_scaler " not in line and not (tmp_path / "exposure_bias.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (
+            ["--compare_eps_scaler", "1", "--compare_eps_scaler_k", "-0.5"],
+            "--compare_eps_scaler 1 --compare_eps_scaler_k -0.5 gives lambda_3 = -0.5 at step 3; "
+            "lambda_i = k*i + b must be positive at every step: use --compare_eps_scaler_k > "
+            "-0.3333 for this b",
+        ),
+        (["--compare_eps_scaler_k", "0.01"], "--compare_eps_scaler_k needs --compare_eps_scaler"),
+    ],
+)
+def test_comparison_schedule_errors_name_the_comparison_flags(
+    data, tmp_path, monkeypatch, capsys, extra, match
+):
+    """A comparison schedule that is not positive is refused before the comparison diffusion
+    is built (whose own error would name --eps_scaler)."""
+    argv = ["exposure_bias.py", *map(str, base_args(data, tmp_path)), "--num_samples", "4", *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(ROOT / "scripts" / "exposure_bias.py"), run_name="__main__")
+    line = _one_error_line(capsys.readouterr().err)
+    assert exc.value.code == 2 and match in line and "--eps_scaler " not in line, line
+
+
+# ----------------------------------------------------------------------------- data share
+
+
+def test_data_share_splits_the_first_samples_over_ranks(data):
+    def share(rank, world, batch_size, n=5):
+        kw = dict(image_size=16, class_cond=True, in_channels=3, device=torch.device("cpu"))
+        return list(eb.data_share(str(data), n, batch_size, rank=rank, world=world, **kw))
+
+    ((idx, whole, kw),) = share(0, 1, None)  # batch_size None: one batch
+    np.testing.assert_array_equal(idx, np.arange(5))
+    labels = np.load(data)["arr_1"][:5]
+    np.testing.assert_array_equal(kw["y"].numpy(), labels)
+    for rank in (0, 1):
+        parts = share(rank, 2, 2)
+        assert [len(p[0]) for p in parts] == ([2, 1] if rank == 0 else [2])
+        idx = np.concatenate([p[0] for p in parts])
+        np.testing.assert_array_equal(idx, np.arange(rank, 5, 2))
+        torch.testing.assert_close(torch.cat([p[1] for p in parts]), whole[idx])
+    ((idx, x0, kw),) = share(4, 5, None, n=3)  # more processes than samples: an empty batch
+    assert idx.size == 0 and x0.shape == (0, 3, 16, 16) and kw["y"].shape == (0,)
+    assert share(4, 5, 2, n=3) == []
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_plot_fid_curve_draws_the_intervals_around_fid1(tmp_path):
+    rows = [
+        {"lambda": 1.0, "fid": 10.0},
+        {"lambda": 1.02, "fid": 8.5, "diff_interval": [-2.0, -1.0]},
+        {"lambda": 1.04, "fid": 10.1, "diff_interval": (-0.5, 0.8)},
+        {"lambda": 1.017, "fid": 8.0, "diff_interval": [-2.5, -1.5], "calibrated": True},
+    ]
+    fig = plot_fid_curve(tmp_path / "fid.png", rows, calibrated_b=1.017)
+    check_png(tmp_path / "fid.png")
+    bars = fig.axes[0].collections[0].get_segments()  # the vlines, in row order
+    want = [((1.02, 8.0), (1.02, 9.0)), ((1.04, 9.5), (1.04, 10.8)), ((1.017, 7.5), (1.017, 8.5))]
+    np.testing.assert_allclose(np.array(bars), np.array(want))
+    with pytest.raises(ValueError, match="lambda = 1 row"):
+        plot_fid_curve(tmp_path / "x.png", rows[1:])
+
+
+def test_side_by_side_keeps_the_pixels_and_adds_captions(tmp_path):
+    rng = np.random.default_rng(0)
+    grids = [rng.integers(0, 256, (10, w, 3), dtype=np.uint8) for w in (12, 8)]
+    paths = [tmp_path / f"g{j}.png" for j in range(2)]
+    for g, p in zip(grids, paths):
+        save_png(g, p)
+    side_by_side(paths, ["plain ADM (eps_scaler 1.0)", "ADM-ES"], tmp_path / "both.png", scale=3)
+    out = np.asarray(Image.open(tmp_path / "both.png").convert("RGB"))
+    assert out.shape[1] == 3 * 12 + 16 + 3 * 8
+    top = out.shape[0] - 30
+    up = [np.repeat(np.repeat(g, 3, axis=0), 3, axis=1) for g in grids]
+    np.testing.assert_array_equal(out[top:, :36], up[0])
+    np.testing.assert_array_equal(out[top : top + 30, 52:], up[1])
+    assert (out[:top, :36] < 128).any() and (out[:top, 52:] < 128).any()  # the captions
+    with pytest.raises(ValueError, match="one label per grid"):
+        side_by_side(paths, ["one"], tmp_path / "bad.png")

@@ -1,0 +1,236 @@
+"""Figures of the exposure-bias tools and the demo: eps-norm curves, delta_t, the calibration,
+FID against lambda, and sample grids side by side.
+
+Figures are drawn with matplotlib's object-oriented API (``matplotlib.figure.Figure``, no
+pyplot: no global state, no backend switch for the caller) and written atomically as PNG
+(``io_util``). Curves are passed in file row order (noisiest step first) against the
+original timestep t, so the x axis runs noisy -> clean from left to right.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+from .calibration import CalibrationResult
+from .exposure_bias import relative_gap
+from .io_util import PathLike, atomic_write_bytes, save_png
+
+DPI = 110
+
+
+def _save(fig: Figure, path: PathLike, dpi: int = DPI) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def plot_eps_norm(
+    path: PathLike,
+    t: np.ndarray,
+    curves: Dict[str, np.ndarray],
+    title: str,
+    excluded: Optional[np.ndarray] = None,
+) -> Figure:
+    """Eps-norm curves against the original timestep (sampling order, left to right) and
+    their relative gap to the first curve (the training curve); ``excluded`` (bool per
+    row) marks steps left out of a fit with dotted lines."""
+    fig = Figure(figsize=(7, 6.5))
+    ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    ref_name = next(iter(curves))
+    ref = curves[ref_name]
+    for name, c in curves.items():
+        style = dict(lw=2, color="black") if name == ref_name else dict(lw=1.3, marker=".")
+        ax.plot(t, c, label=name, **style)
+        if name != ref_name:
+            ax2.plot(t, 100 * relative_gap(c, ref), marker=".", lw=1.3, label=name)
+    if excluded is not None and np.any(excluded):
+        for tt in np.asarray(t)[np.asarray(excluded)]:
+            ax2.axvline(tt, color="0.5", ls=":", lw=1.5)
+    ax2.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("mean ||eps||_2 per image")
+    ax2.set_ylabel(f"gap to {ref_name} (%)")
+    ax2.set_xlabel("timestep t (noisy -> clean)")
+    ax.invert_xaxis()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_delta(
+    path: PathLike,
+    t: np.ndarray,
+    expected: np.ndarray,
+    runs: Dict[str, Dict[str, np.ndarray]],
+    title: str,
+) -> Figure:
+    """sigma_hat_t against sqrt(1 - abar_t), and delta_t, for one or more lambda settings
+    (``runs``: label -> ``{"sigma_hat", "delta"}`` as from ``exposure_bias.delta_curve``)."""
+    fig = Figure(figsize=(7, 6.5))
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    ax.plot(t, expected, color="black", lw=2, label="sqrt(1 - abar_t)")
+    for name, r in runs.items():
+        ax.plot(t, r["sigma_hat"], marker=".", lw=1.3, label=f"sigma_hat, {name}")
+        ax2.plot(t, r["delta"], marker=".", lw=1.3, label=name)
+    ax.set_ylabel("std of x̂_t - sqrt(abar_t) x_0")
+    ax2.set_ylabel("delta_t")
+    ax2.set_yscale("symlog", linthresh=1e-4)
+    ax2.set_xlabel("timestep t (noisy -> clean)")
+    ax.invert_xaxis()
+    ax.set_title(title, fontsize=10)
+    for a in (ax, ax2):
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_calibration(path: PathLike, result: CalibrationResult) -> Figure:
+    """Training curve and the sampling curves at lambda = 1, at uniform b and at linear (k, b)."""
+    u, lin = result.uniform, result.linear
+    curves = {
+        "training": result.train_norm,
+        "sampling, lambda = 1": result.baseline.sample_norm,
+        f"sampling, b = {u.b:.4f}": u.sample_norm,
+        f"sampling, k = {lin.k:.2e}, b = {lin.b:.4f}": lin.sample_norm,
+    }
+    order = np.arange(result.steps)[::-1]
+    return plot_eps_norm(
+        path,
+        result.timesteps[order],
+        {k: v[order] for k, v in curves.items()},
+        f"eps_scaler calibration: {result.steps} steps ({result.sampler}), "
+        f"{result.num_samples} samples; dotted: steps excluded from the fit",
+        excluded=~result.included[order],
+    )
+
+
+def plot_fid_curve(
+    path: PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    calibrated_b: Optional[float] = None,
+    title: str = "FID against lambda, same seeds for every lambda",
+    ylabel: str = "FID",
+    level: float = 0.95,
+) -> Figure:
+    """FID against a uniform eps scaler lambda, with the uncertainty of each comparison to
+    plain ADM.
+
+    Each row has ``lambda``, ``fid`` and optionally ``diff_interval``: the (lo, hi) interval
+    of FID(lambda) - FID(1) at ``level`` (``evaluations.evaluator.paired_bootstrap_fid``
+    against the lambda = 1 samples of the same seeds), and ``calibrated`` (True: the point
+    at the calibrated b, drawn as a square). An interval is drawn as a bar from FID(1) + lo
+    to FID(1) + hi at its lambda: the difference is significant at ``level`` where the bar
+    does not cross the dotted FID(1) line. Intervals need a row at lambda = 1.
+    """
+    if not rows:
+        raise ValueError("plot_fid_curve needs at least one row")
+    lam = np.array([float(r["lambda"]) for r in rows])
+    fid = np.array([float(r["fid"]) for r in rows])
+    cal = np.array([bool(r.get("calibrated")) for r in rows])
+    has_ci = np.array([r.get("diff_interval") is not None for r in rows])
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    order = np.argsort(lam[~cal], kind="stable")
+    ax.plot(lam[~cal][order], fid[~cal][order], "o-", color="C0", label="FID")
+    if cal.any():
+        ax.plot(lam[cal], fid[cal], "s", color="C3", ms=8, label="FID at the calibrated b")
+    base = np.flatnonzero(lam == 1.0)
+    if has_ci.any():
+        if base.size == 0:
+            raise ValueError("the intervals are of FID(lambda) - FID(1): add the lambda = 1 row")
+        fid1 = fid[base[0]]
+        lo_hi = np.array([r["diff_interval"] for r in rows if r.get("diff_interval") is not None])
+        lo_hi = lo_hi.astype(np.float64).reshape(-1, 2)  # (rows with an interval, (lo, hi))
+        ax.vlines(
+            lam[has_ci],
+            fid1 + lo_hi[:, 0],
+            fid1 + lo_hi[:, 1],
+            color="0.3",
+            lw=1.5,
+            label=f"{level:.0%} interval of FID(lambda) - FID(1), paired bootstrap",
+        )
+        for end in (0, 1):
+            ax.plot(lam[has_ci], fid1 + lo_hi[:, end], "_", color="0.3", ms=8)
+        ax.axhline(fid1, color="gray", ls=":", lw=1)
+    if base.size:
+        ax.axvline(1.0, color="gray", ls="--", lw=1, label="plain ADM (lambda = 1)")
+    if calibrated_b is not None:
+        ax.axvline(
+            calibrated_b, color="C3", ls=":", lw=1, label=f"calibrated b = {calibrated_b:.4f}"
+        )
+    ax.set_xlabel("eps scaler lambda (uniform)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path, dpi=120)
+    return fig
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list:
+    """``text`` broken into lines at spaces so that each fits in ``width`` pixels."""
+    lines: list = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def side_by_side(
+    grid_paths: Sequence[PathLike], labels: Sequence[str], out: PathLike, *, scale: int = 3
+) -> None:
+    """Sample grids (PNG) next to each other, each enlarged ``scale`` times (nearest
+    neighbour: pixels stay sharp) under its caption, centred and wrapped to the grid's width;
+    written to ``out`` as PNG."""
+    if len(grid_paths) != len(labels) or not grid_paths:
+        raise ValueError(
+            f"side_by_side needs one label per grid, got {len(grid_paths)} grids and "
+            f"{len(labels)} labels"
+        )
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    ims = []
+    for p in grid_paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    font = _font(14)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [_wrap(draw, label, font, im.width - 8) for im, label in zip(ims, labels)]
+    line_h = int(font.getbbox("Ag")[3]) + 4
+    top, gap = 8 + line_h * max(len(c) for c in captions), 16
+    canvas = Image.new(
+        "RGB",
+        (sum(im.width for im in ims) + gap * (len(ims) - 1), top + max(im.height for im in ims)),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for im, lines in zip(ims, captions):
+        for n, line in enumerate(lines):
+            w = draw.textlength(line, font=font)
+            draw.text((x + (im.width - w) / 2, 4 + n * line_h), line, fill="black", font=font)
+        canvas.paste(im, (x, top))
+        x += im.width + gap
+    save_png(np.asarray(canvas), out)
