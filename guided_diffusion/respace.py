@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterable, Sequence, Union
 
 import numpy as np
-import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
@@ -71,7 +70,8 @@ class SpacedDiffusion(GaussianDiffusion):
 
     Step index i of this process is original timestep ``timestep_map[i]``; the model (and the
     classifier of ``cond_fn``) is called with the original timestep. Epsilon Scaling is
-    indexed by i, the step of this respaced process.
+    indexed by i, the step of this respaced process. ``original_alphas_cumprod`` and
+    ``original_timesteps`` keep the base schedule (the time-shift sampler searches it).
 
     :param use_timesteps: the original timesteps to keep.
     :param kwargs: the arguments of the base ``GaussianDiffusion``.
@@ -93,14 +93,8 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
-        self._map_tensors: dict = {}
-
-    def _timestep_map_on(self, device: torch.device) -> torch.Tensor:
-        m = self._map_tensors.get(device)
-        if m is None:
-            m = torch.tensor(self.timestep_map, device=device, dtype=torch.long)
-            self._map_tensors[device] = m
-        return m
+        self.original_alphas_cumprod = base.alphas_cumprod
+        self.original_timesteps = np.array(self.timestep_map, dtype=np.int64)
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
@@ -108,11 +102,8 @@ class SpacedDiffusion(GaussianDiffusion):
     def training_losses(self, model, *args, **kwargs):
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
-    def condition_mean(self, cond_fn, *args, **kwargs):
-        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
-
-    def condition_score(self, cond_fn, *args, **kwargs):
-        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
+    def _cond_gradient(self, cond_fn, *args, **kwargs):
+        return super()._cond_gradient(self._wrap_model(cond_fn), *args, **kwargs)
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
@@ -135,7 +126,8 @@ class _WrappedModel:
         self.original_num_steps = original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        new_ts = self.diffusion._timestep_map_on(ts.device)[ts]
+        d = self.diffusion
+        new_ts = d._device_array(d.original_timesteps, ts.device)[ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

@@ -529,3 +529,69 @@ def test_with_eps_scaler_copy(golden_model, diffusion_npz):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="must be positive"):
         base.with_eps_scaler(0.0)
+
+
+# ---------------------------------------------------------------- guided-diffusion API details
+
+
+def test_extract_into_tensor_original_signature():
+    """guided-diffusion's helper: arr[timesteps] as float32, broadcast to the shape."""
+    arr = np.array([0.5, 1.5, 2.5, 3.5])
+    got = gd._extract_into_tensor(arr, torch.tensor([3, 0]), (2, 2, 3))
+    assert got.dtype == torch.float32 and got.shape == (2, 2, 3)
+    assert (got[0] == 3.5).all() and (got[1] == 0.5).all()
+
+
+def test_wrappers_take_the_original_positional_arguments(golden_model, diffusion_npz):
+    """ddim_sample_loop(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+    model_kwargs, device, progress, eta) as in guided-diffusion."""
+    d = make_diffusion("ddim10", "linear")
+    x_T = torch.from_numpy(diffusion_npz["loop_x_T"])
+    a = d.ddim_sample_loop(golden_model, x_T.shape, x_T, True, None, None, None, None, False, 0.0)
+    b = d.ddim_sample_loop(golden_model, x_T.shape, noise=x_T)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="given twice"):
+        d.p_sample_loop(golden_model, x_T.shape, x_T, noise=x_T)
+
+
+@pytest.mark.parametrize("kw", [{"steps": 1}, {"steps": 1000, "timestep_respacing": "1"}])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_single_step_process(kw, sampler, golden_model):
+    """One step: the clipped log posterior variance falls back to log beta_0 (there is no
+    t = 1), and the step goes straight to the x_0 prediction (abar_prev = 1, no noise)."""
+    d = create_gaussian_diffusion(learn_sigma=True, noise_schedule="cosine", **kw)
+    assert d.num_timesteps == 1
+    assert d.posterior_log_variance_clipped[0] == np.log(d.betas[0])
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    (out,) = d.sample_loop_progressive(golden_model, x_T.shape, sampler=sampler, noise=x_T)
+    assert torch.isfinite(out["sample"]).all() and torch.isfinite(out["log_variance"]).all()
+    torch.testing.assert_close(out["sample"], out["pred_xstart"])
+    bpd = d.calc_bpd_loop(golden_model, x_T.clamp(-1, 1), generator=torch.Generator())
+    assert torch.isfinite(bpd["total_bpd"]).all()
+
+
+def _bpd_terms(d, model, x0, seed, use_eps_scaler):
+    """calc_bpd_loop's vb columns, recomputed term by term with the same noise draws."""
+    g = torch.Generator().manual_seed(seed)
+    terms = []
+    for i in reversed(range(d.num_timesteps)):
+        t = torch.full((x0.shape[0],), i)
+        x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        with torch.no_grad():
+            out = d._vb_terms_bpd(model, x0, x_t, t, use_eps_scaler=use_eps_scaler)
+        terms.append(out["output"])
+    return torch.stack(terms, dim=1)
+
+
+def test_calc_bpd_loop_applies_eps_scaler(golden_model):
+    """The bound of the ES sampler (lambda inside p_mean_variance, as the original); with
+    b = 1 it is the plain bound."""
+    x0 = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).round()
+    x0 = x0 / 127.5 - 1
+    plain, scaled = make_diffusion("10", "lam1p0"), make_diffusion("10", "lam1p017")
+    gen = torch.Generator().manual_seed
+    vb_plain = plain.calc_bpd_loop(golden_model, x0, generator=gen(1))["vb"]
+    vb_scaled = scaled.calc_bpd_loop(golden_model, x0, generator=gen(1))["vb"]
+    torch.testing.assert_close(vb_plain, _bpd_terms(plain, golden_model, x0, 1, False))
+    torch.testing.assert_close(vb_scaled, _bpd_terms(scaled, golden_model, x0, 1, True))
+    assert not torch.allclose(vb_scaled, _bpd_terms(scaled, golden_model, x0, 1, False))
