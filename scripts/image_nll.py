@@ -5,68 +5,48 @@
 
 Prints and logs the bits/dim; writes the mean per-step terms (vb, mse, xstart_mse; noisiest
 step first) as {name}_terms.npz to --log_dir. Costs one model pass per diffusion step.
+
+Epsilon Scaling is applied as in the original ADM-ES code: calc_bpd_loop goes through
+p_mean_variance, which divides eps by lambda_i = k*i + b, so --eps_scaler b != 1 (or
+--eps_scaler_k != 0) gives the bound of the scaled reverse process; the defaults (b = 1,
+k = 0) give the plain ADM bits/dim.
 """
 
 import argparse
 from pathlib import Path
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cli import UserError, cli, resolve_precision, start_script
+from guided_diffusion.flags import DIFFUSION_FLAGS, FLAGS, MODEL_FLAGS, add_flags, flag_defaults
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.sample_util import (
-    UserError,
-    build_diffusion,
-    cli,
-    default_log_dir,
-    load_unet,
-    resolve_precision,
-    save_npz_atomic,
-)
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
-from guided_diffusion.train_util import run_bpd_evaluation
+from guided_diffusion.io_util import save_npz_atomic
+from guided_diffusion.likelihood import run_bpd_evaluation
+from guided_diffusion.sample_util import build_diffusion, load_unet
+
+NLL_FLAGS = "data_dir clip_denoised num_samples batch_size model_path seed log_dir".split()
+HELP = {
+    "eps_scaler": FLAGS["eps_scaler"].help + "; applied to the bound as in the original "
+    "(p_mean_variance divides eps by lambda_i): 1.0 gives the plain ADM bits/dim",
+    "num_samples": "evaluate at least this many images (whole batches over all ranks)",
+    "model_path": "model or EMA checkpoint (.pt state dict); required",
+}
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        data_dir="",
-        clip_denoised=True,
-        num_samples=1000,
-        batch_size=1,
-        model_path="",
-        seed=0,
-        log_dir="",
-    )
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(
-        parser,
-        defaults,
-        help=dict(
-            data_dir="images to evaluate: an image folder or an .npz (arr_0 uint8 NHWC)",
-            clip_denoised="clip each x_0 prediction to [-1, 1]",
-            num_samples="evaluate at least this many images (whole batches over all ranks)",
-            batch_size="images per batch on each process",
-            model_path="model or EMA checkpoint (.pt state dict)",
-            seed="seed of the noise drawn at each diffusion step",
-            log_dir="output folder (default: $OPENAI_LOGDIR, else a timestamped temp folder)",
-        ),
-    )
+    names = NLL_FLAGS + MODEL_FLAGS + DIFFUSION_FLAGS
+    add_flags(parser, flag_defaults(names, num_samples=1000, batch_size=1), help=HELP)
     return parser
 
 
 def main() -> None:
-    args = create_argparser().parse_args()
-    dist_util.setup_dist()
+    args = start_script(create_argparser(), "evaluate")
     device = dist_util.dev()
-    for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if not args.model_path:
-        raise UserError("--model_path is required")
+        raise UserError("--model_path is required (a model or EMA checkpoint)")
     if not args.data_dir:
         raise UserError("--data_dir is required (an image folder or an .npz file)")
     resolve_precision(args, device)
-    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
-    logger.configure(dir=args.log_dir)
 
     diffusion = build_diffusion(args)
     logger.log(f"loading {args.model_path}...")
@@ -80,6 +60,7 @@ def main() -> None:
         random_flip=False,
         seed=args.seed,
         num_workers=0,
+        in_channels=args.in_channels,
     )
     logger.log("evaluating...")
     out = run_bpd_evaluation(
@@ -88,7 +69,7 @@ def main() -> None:
     logger.log(f"bits/dim: {float(out['bpd']):.6f}")
     logger.logkv("bits_per_dim", float(out["bpd"]))
     logger.dumpkvs()
-    if dist_util.get_rank() == 0:
+    if dist_util.is_main():
         for name in ("vb", "mse", "xstart_mse"):
             save_npz_atomic(Path(args.log_dir) / f"{name}_terms.npz", arr_0=out[name])
     logger.log("evaluation complete")

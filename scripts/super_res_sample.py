@@ -5,91 +5,121 @@
         [model and diffusion flags] --num_samples 10000 --batch_size 16
 
 --base_samples is an .npz with arr_0 uint8 [N, small, small, 3] (and arr_1 labels for
-class-conditional models), e.g. the output of image_sample.py; they are used in order and
-cycled when num_samples exceeds N. Writes samples_{num}x{large}x{large}x3.npz to --log_dir.
+class-conditional models), e.g. the output of image_sample.py: global batch j upsamples
+images j*batch_size ... (cycled when num_samples exceeds N) with noise seeded by
+(--seed, j). Writes samples_{num}x{large}x{large}x3.npz (arr_1: the labels used, for
+class-conditional models) to --log_dir; rerunning the same command resumes.
 """
 
 import argparse
-from pathlib import Path
+
+import numpy as np
+import torch
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoints import load_checkpoint_into, read_state_dict
+from guided_diffusion.cli import UserError, cli, start_script
+from guided_diffusion.flags import SAMPLING_FLAGS, add_flags, flag_defaults
+from guided_diffusion.image_datasets import read_npz
 from guided_diffusion.sample_util import (
-    UserError,
-    check_sampling_args,
-    cli,
-    default_log_dir,
-    output_name,
-    resolve_precision,
-    save_npz_atomic,
+    SamplingOptions,
+    generate_batch,
+    optimize_for_sampling,
+    run_sampling,
 )
-from guided_diffusion.script_util import add_dict_to_argparser, sr_model_and_diffusion_defaults
-from guided_diffusion.train_util import load_sr_model, read_base_samples, super_resolve
+from guided_diffusion.script_util import (
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+REQUIRED = {
+    "model_path": "a super-resolution checkpoint; there is no bundled one",
+    "base_samples": "an .npz of low-resolution images",
+}
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        base_samples="",
-        model_path="",
-        seed=0,
-        log_dir="",
-    )
-    defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(
-        parser,
-        defaults,
-        help=dict(
-            clip_denoised="clip each x_0 prediction to [-1, 1]",
-            num_samples="number of images to upsample",
-            batch_size="images per batch on each process",
-            use_ddim="DDIM sampling (deterministic, eta 0) instead of ancestral DDPM",
-            base_samples=".npz of low-resolution images: arr_0 uint8 [N, small, small, 3], "
-            "arr_1 labels for class-conditional models",
-            model_path="super-resolution model or EMA checkpoint (.pt state dict)",
-            seed="base seed; batch j draws its noise from a generator seeded by (seed, j)",
-            log_dir="output folder (default: $OPENAI_LOGDIR, else a timestamped temp folder)",
-        ),
-    )
+    names = [n for n in SAMPLING_FLAGS if n != "guidance_scale"] + ["base_samples"]
+    add_flags(parser, {**flag_defaults(names), **sr_model_and_diffusion_defaults()})
     return parser
 
 
-def main() -> None:
-    args = create_argparser().parse_args()
-    dist_util.setup_dist()
-    device = dist_util.dev()
-    check_sampling_args(args)
-    if not args.model_path:
-        raise UserError("--model_path is required (a super-resolution checkpoint)")
-    if not args.base_samples:
-        raise UserError("--base_samples is required (an .npz of low-resolution images)")
-    resolve_precision(args, device)
-    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
-    logger.configure(dir=args.log_dir)
+def read_base_samples(path: str, small_size: int, class_cond: bool):
+    """(uint8 [N, small, small, 3], int64 labels or None); one-line errors for a missing or
+    malformed file, a wrong size, or missing labels of a class-conditional model."""
+    images, labels = read_npz(path)
+    if images.shape[1:3] != (small_size, small_size):
+        raise UserError(
+            f"{path}: images are {images.shape[1]}x{images.shape[2]}, but --small_size is "
+            f"{small_size}"
+        )
+    if class_cond and labels is None:
+        raise UserError(f"{path}: a class-conditional model needs labels (arr_1)")
+    return images, (labels if class_cond else None)
 
+
+def load_sr_model(args: argparse.Namespace, device: torch.device):
+    """The super-resolution model of the flags with --model_path loaded (strict), on
+    ``device``, in eval mode and the precision of --use_fp16/--use_bf16; and its diffusion."""
+    flags = {k: getattr(args, k) for k in sr_model_and_diffusion_defaults()}
+    model, diffusion = sr_create_model_and_diffusion(
+        **{**flags, "use_fp16": False, "use_bf16": False}
+    )
+    load_checkpoint_into(model, read_state_dict(args.model_path), path=args.model_path)
+    model.to(device)
+    if args.use_fp16:
+        model.convert_to_fp16()
+    elif args.use_bf16:
+        model.convert_to_fp16(torch.bfloat16)
+    return model.eval(), diffusion
+
+
+def main() -> None:
+    parser = create_argparser()
+    given = parser.parse_known_args()[0]
+    for flag, what in REQUIRED.items():
+        if not getattr(given, flag):
+            raise UserError(f"--{flag} is required ({what})")
+    args = start_script(parser, "sample")
+    device = dist_util.dev()
     images, labels = read_base_samples(args.base_samples, args.small_size, args.class_cond)
     logger.log(f"loading {args.model_path}...")
     model, diffusion = load_sr_model(args, device)
-    logger.log(f"upsampling {args.num_samples} images to {args.large_size}x{args.large_size}...")
-    arr = super_resolve(
-        model,
-        diffusion,
-        images,
-        labels,
+    fast = optimize_for_sampling(model, args, device)
+    options = SamplingOptions.from_args(args)
+    size = args.large_size
+    logger.log(f"upsampling {args.num_samples} images to {size}x{size} ({options.describe()})...")
+
+    def sample_batch(j: int, n: int, generator: torch.Generator):
+        idx = (j * args.batch_size + np.arange(n)) % len(images)
+        low_res = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        model_kwargs = {"low_res": low_res[:, : args.in_channels]}  # (n, C, small, small)
+        if labels is not None:
+            model_kwargs["y"] = torch.from_numpy(labels[idx]).to(device)
+        out, _ = generate_batch(
+            fast,
+            diffusion,
+            n,
+            generator,
+            shape=(args.in_channels, size, size),
+            device=device,
+            options=options,
+            model_kwargs=model_kwargs,
+        )
+        return out, None if labels is None else labels[idx]
+
+    run_sampling(
+        sample_batch,
+        flags={**vars(args), "image_size": size},
+        log_dir=args.log_dir,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
-        large_size=args.large_size,
-        clip_denoised=args.clip_denoised,
-        use_ddim=args.use_ddim,
+        image_size=size,
         seed=args.seed,
+        device=device,
+        progress=args.progress,
     )
-    if dist_util.get_rank() == 0:
-        out_path = Path(args.log_dir) / f"{output_name(args.num_samples, args.large_size)}.npz"
-        save_npz_atomic(out_path, arr_0=arr)
-        logger.log(f"saved {len(arr)} samples to {out_path}")
     dist_util.cleanup()
 
 

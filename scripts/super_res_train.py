@@ -5,6 +5,7 @@
 
 The low-resolution input is the training image area-downsampled to small_size. Checkpoints
 are those of image_train.py and load into super_res_sample.py with the same flags.
+Rerunning the same command resumes from the latest checkpoint in --log_dir.
 """
 
 import argparse
@@ -12,94 +13,55 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sample_util import cli, default_log_dir
+from guided_diffusion.cli import UserError, cli, start_script
+from guided_diffusion.flags import add_flags
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import (
-    TRAIN_FLAG_CHOICES,
-    TRAIN_FLAG_HELP,
     TrainLoop,
-    check_train_args,
     image_train_defaults,
-    resume_step_of,
-    save_flags,
+    prepare_run,
+    run_training,
     superres_batches,
+    training_data,
 )
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = image_train_defaults()
-    defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help=TRAIN_FLAG_HELP, choices=TRAIN_FLAG_CHOICES)
+    add_flags(parser, {**image_train_defaults(), **sr_model_and_diffusion_defaults()})
     return parser
 
 
 def main() -> None:
-    args = create_argparser().parse_args()
-    dist_util.setup_dist()
-    check_train_args(args)
+    args = start_script(create_argparser(), "train")
     if args.small_size > args.large_size:
-        raise ValueError(f"--small_size {args.small_size} exceeds --large_size {args.large_size}")
-    args.log_dir = dist_util.broadcast_object(args.log_dir or default_log_dir())
-    logger.configure(dir=args.log_dir)
-    save_flags(args)
+        raise UserError(f"--small_size {args.small_size} exceeds --large_size {args.large_size}")
+    args.resume_checkpoint = prepare_run(args)
 
     logger.log("creating model...")
     torch.manual_seed(args.seed)
-    flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-    flags.pop("use_bf16")  # training: bfloat16 autocast with fp32 weights (see TrainLoop)
-    flags["use_fp16"] = False  # fp32 master weights; the trainer converts the trunk
-    model, diffusion = sr_create_model_and_diffusion(**flags)
-    model.to(dist_util.dev())
-    schedule_sampler = create_named_schedule_sampler(
-        args.schedule_sampler, diffusion, seed=args.seed
+    # fp32 weights: --use_fp16 converts the trunk after the fp32 master copy is made,
+    # --use_bf16 trains with bfloat16 autocast.
+    flags = args_to_dict(args, sr_model_and_diffusion_defaults())
+    model, diffusion = sr_create_model_and_diffusion(
+        **{**flags, "use_fp16": False, "use_bf16": False}
     )
+    model.to(dist_util.dev())
 
     logger.log("creating data loader...")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.large_size,
+    data = training_data(
+        args,
+        args.large_size,
         class_cond=args.class_cond,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        start_batch=resume_step_of(args.resume_checkpoint),
+        in_channels=args.in_channels,
+        random_flip=args.random_flip,
     )
-
-    logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=superres_batches(data, args.small_size),
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        data_start_batch=resume_step_of(args.resume_checkpoint),
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        input_perturbation=args.input_perturbation,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        use_bf16=args.use_bf16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    ).run_loop()
-    logger.log("training done")
-    dist_util.cleanup()
+    loop = TrainLoop.from_args(args, model, diffusion, superres_batches(data, args.small_size))
+    run_training(loop, args)
 
 
 if __name__ == "__main__":

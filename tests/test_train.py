@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from guided_diffusion import logger
+from guided_diffusion import logger, train_util
+from guided_diffusion.cli import UserError
+from guided_diffusion.flags import (
+    DIFFUSION_FLAGS,
+    GROUP_DEFAULTS,
+    MODEL_FLAGS,
+    TRAIN_FLAGS,
+    flag_defaults,
+)
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -23,8 +36,12 @@ from guided_diffusion.train_util import (
     DeviceMeans,
     TrainLoop,
     atomic_save,
+    find_resume_checkpoint,
+    log_loss_dict,
     parse_ema_rates,
     parse_resume_step_from_filename,
+    prepare_run,
+    save_flags,
     step_seed,
 )
 
@@ -66,14 +83,21 @@ def write_npz(path: Path, n: int = 16, size: int = 8, labels: bool = True) -> Pa
     return path
 
 
-def run_script(name: str, *args: str, timeout: float = 120, ranks: int = 0):
-    """Run scripts/NAME with one thread per process (2 shared cores: no OpenMP spinning)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def script_command(name: str, *args: str, ranks: int = 0):
+    """(command, environment) of scripts/NAME with one thread per process (2 shared cores:
+    no OpenMP spinning), under ``mpirun -n ranks`` when ``ranks``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     env.pop("OPENAI_LOGDIR", None)
-    cmd = [PY, str(ROOT / "scripts" / name), *args]
+    cmd = [PY, str(ROOT / "scripts" / name), *map(str, args)]
     if ranks:
         env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env['PATH']}"
         cmd = [str(Path(PY).parent / "mpirun"), "-n", str(ranks), *cmd]
+    return cmd, env
+
+
+def run_script(name: str, *args: str, timeout: float = 120, ranks: int = 0):
+    """Run scripts/NAME to the end."""
+    cmd, env = script_command(name, *args, ranks=ranks)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -205,6 +229,36 @@ def test_helpers():
     assert step_seed(3, 1, 7) == step_seed(3, 1, 7)
 
 
+def test_log_loss_dict_keeps_the_original_three_arguments():
+    """guided-diffusion's call: means through logger.logkv_mean, by quartile of t."""
+    logger.configure(None, format_strs=[])
+    diffusion = SimpleNamespace(num_timesteps=20)
+    t = torch.tensor([0, 4, 9, 10, 19])
+    log_loss_dict(diffusion, t, {"loss": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])})
+    kvs = logger.getkvs()
+    assert kvs["loss"] == pytest.approx(3.0)
+    assert [kvs[f"loss_q{q}"] for q in range(4)] == pytest.approx([1.5, 3.0, 4.0, 5.0])
+
+
+def test_find_resume_checkpoint_hook(tmp_path, monkeypatch):
+    """The original's hook: None without arguments; the latest model file of a folder; and a
+    loop resumes from what an overriding hook returns."""
+    assert find_resume_checkpoint() is None
+    assert find_resume_checkpoint(str(tmp_path)) is None
+    data = write_npz(tmp_path / "d.npz")
+    make_loop(tmp_path / "run", data, max_steps=2, save_interval=1).run_loop()
+    (tmp_path / "run" / "model_best.pt").write_bytes(b"")
+    latest = str(tmp_path / "run" / "model000002.pt")
+    assert find_resume_checkpoint(str(tmp_path / "run")) == latest
+
+    monkeypatch.setattr(train_util, "find_resume_checkpoint", lambda: latest)
+    loop = make_loop(tmp_path / "other", data, max_steps=2, seed=1)
+    assert loop.resume_step == 2 and loop.resume_checkpoint == latest
+    saved = load(tmp_path / "run" / "model000002.pt")
+    for k, v in loop.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
 # ----------------------------------------------------------------------- mixed precision
 
 
@@ -297,11 +351,132 @@ def test_atomic_save_leaves_the_old_file_on_a_crash(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model000010.pt"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Through the script: stop at step 3 and resume to 6 == train to 6 in one go."""
+def assert_same_files(dir_a: Path, dir_b: Path, names) -> None:
+    for name in names:
+        a, b = load(dir_a / name), load(dir_b / name)
+        assert list(a) == list(b), name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name} {k}")
+
+
+def snapshot(folder: Path) -> dict:
+    """The bytes of every checkpoint and flags file in ``folder`` (the logs are appended to)."""
+    return {
+        p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".pt", ".json")
+    }
+
+
+def run_flags(log_dir: Path, **overrides) -> argparse.Namespace:
+    """The flags of a tiny image_train.py run in ``log_dir`` (as the script parses them)."""
+    flags = flag_defaults(TRAIN_FLAGS + MODEL_FLAGS + DIFFUSION_FLAGS, **GROUP_DEFAULTS["train"])
+    flags.update(TINY, data_dir="d.npz", log_dir=str(log_dir), **overrides)
+    return argparse.Namespace(**flags)
+
+
+def test_a_rerun_resumes_its_run_and_never_overwrites_another(tmp_path):
+    """prepare_run's policy on a folder (files stand in for a run): resume from the latest
+    checkpoint when the flags match up to the ignored ones (max_steps...), from the given
+    checkpoint when it is the latest; refuse, naming the differing flags and the fixes,
+    whatever would overwrite another run's files. save_flags never overwrites a record."""
+    run = tmp_path / "run"
+    args = run_flags(run)
+    assert prepare_run(args) == ""  # an empty folder: step 0
+    run.mkdir()
+    save_flags(args)
+    assert prepare_run(args) == ""  # flags.json and no checkpoint yet: restart it
+    for step in (3, 6):
+        (run / f"model{step:06d}.pt").write_bytes(b"")
+    latest = str(run / "model000006.pt")
+    assert prepare_run(run_flags(run, max_steps=9, log_interval=5)) == latest
+
+    def refusal(folder: Path = run, **overrides) -> str:
+        with pytest.raises(UserError) as e:
+            prepare_run(run_flags(folder, **overrides))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    msg = refusal(lr=2e-3, batch_size=2)
+    assert "--batch_size 1 there, 2 now; --lr 0.0001 there, 0.002 now" in msg
+    assert f"pass --resume_checkpoint {latest} to continue" in msg and "new --log_dir" in msg
+    # an older --resume_checkpoint of the same run continues from the latest (same result)
+    older = str(run / "model000003.pt")
+    assert prepare_run(run_flags(run, resume_checkpoint=older)) == latest
+    assert "beyond" in refusal(resume_checkpoint=older, lr=2e-3)
+
+    # the named fix: continue from the latest checkpoint with the new flags, recorded apart
+    new = run_flags(run, lr=2e-3, resume_checkpoint=latest)
+    assert prepare_run(new) == latest
+    save_flags(new)
+    assert json.loads((run / "flags.json").read_text())["lr"] == 1e-4
+    assert json.loads((run / "flags_resume_000006.json").read_text())["lr"] == 2e-3
+    (run / "model000009.pt").write_bytes(b"")
+    # rerunning that command (preempted at step 9) resumes from step 9, not from 6
+    assert prepare_run(new) == str(run / "model000009.pt")
+    assert "--lr 0.002 there, 0.0001 now" in refusal()
+    save_flags(new)  # the same flags as the newest record: nothing new is written
+    assert sorted(p.name for p in run.glob("flags*")) == ["flags.json", "flags_resume_000006.json"]
+
+    (run / "flags.json").unlink()
+    (run / "flags_resume_000006.json").unlink()
+    assert "but no flags.json" in refusal()
+    other = tmp_path / "other"
+    other.mkdir()
+    save_flags(run_flags(other, seed=1))
+    assert "saved no checkpoint" in refusal(other)
+
+
+def test_log_dir_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    out = run_script("image_train.py", f"--data_dir={tmp_path}", f"--log_dir={f}")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"--log_dir {f} is a file" in out.stderr and f.read_text() == "x"
+
+
+# ------------------------------------------------------------------------- preemption
+
+TINY_RUN = cli_flags(TINY) + [
+    "--batch_size=2",
+    "--ema_rate=0.9",
+    "--lr=1e-3",
+    "--log_interval=1",
+    "--save_interval=1000",
+    "--num_workers=0",
+]
+
+
+def start_and_signal(cmd, env, sig, after: str, pid=None, umask=None):
+    """Start ``cmd``, wait until its stdout shows ``after``, send ``sig`` (to ``pid(proc)``
+    when given, else to the process) and return (returncode, stdout, stderr)."""
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if after in line or not line:
+            break
+    os.kill(proc.pid if pid is None else pid(proc), sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + out, err
+
+
+def test_sigterm_saves_the_step_and_the_rerun_ends_like_the_uninterrupted_run(tmp_path):
+    """Through the script: a SIGTERM saves the running step (files with the user's umask),
+    exit 143 with one line; the same command resumes there, leaves the saved files alone and
+    ends equal to the run that was never stopped (EMA, loss-aware sampler, microbatches,
+    DDPM-IP, dropout, labels); other flags in that folder are refused in one line."""
     data = write_npz(tmp_path / "d.npz")
     flags = tiny_flags(class_cond=True, num_classes=2, dropout=0.1)
-    common = cli_flags(flags) + [
+    args = cli_flags(flags) + [
         f"--data_dir={data}",
         "--batch_size=4",
         "--microbatch=2",
@@ -310,35 +485,98 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         "--lr_anneal_steps=20",
         "--input_perturbation=0.1",
         "--schedule_sampler=loss-second-moment",
-        "--save_interval=3",
-        "--log_interval=3",
-        "--max_steps=6",
+        "--save_interval=1000",
+        "--log_interval=1",
         "--num_workers=0",
+        "--max_steps=6",
     ]
-    full = run_script("image_train.py", *common, f"--log_dir={tmp_path / 'full'}")
-    assert full.returncode == 0, full.stderr
-    resumed = run_script(
-        "image_train.py",
-        *common,
-        f"--log_dir={tmp_path / 'resumed'}",
-        f"--resume_checkpoint={tmp_path / 'full' / 'model000003.pt'}",
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    for name in ("model000006.pt", "ema_0.9_000006.pt", "ema_0.99_000006.pt"):
-        a, b = load(tmp_path / "full" / name), load(tmp_path / "resumed" / name)
-        assert list(a) == list(b)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name} {k}")
-    sa = load(tmp_path / "full" / "state000006.pt")["schedule_sampler"]
-    sb = load(tmp_path / "resumed" / "state000006.pt")["schedule_sampler"]
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    cmd, env = script_command("image_train.py", *args, f"--log_dir={run}")
+    rc, out, err = start_and_signal(cmd, env, signal.SIGTERM, after="| step ", umask=0o022)
+    assert rc == 143 and "Traceback" not in err, err
+    m = re.search(r"preempted at step (\d+): saved (\S+); rerun the same command to resume", err)
+    assert m and err.strip().splitlines()[-1].startswith("image_train.py: preempted"), err
+    step = int(m.group(1))
+    assert 1 <= step < 6 and m.group(2) == str(run / f"model{step:06d}.pt")
+    assert sorted(p.name for p in run.glob("model*.pt")) == [f"model{step:06d}.pt"]
+    for name in (f"model{step:06d}.pt", f"opt{step:06d}.pt", "flags.json"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
+    saved = snapshot(run)
+
+    again = run_script("image_train.py", *args, f"--log_dir={run}")
+    assert again.returncode == 0 and f"resuming from {m.group(2)}" in again.stdout, again.stderr
+    after = snapshot(run)
+    assert all(after[k] == v for k, v in saved.items())
+    assert not any(name.startswith("flags_resume") for name in after)  # the same flags
+    out = run_script("image_train.py", *args, f"--log_dir={whole}")
+    assert out.returncode == 0, out.stderr
+    names = ["model000006.pt", "ema_0.9_000006.pt", "ema_0.99_000006.pt"]
+    assert_same_files(whole, run, names)
+    sa = load(whole / "state000006.pt")["schedule_sampler"]
+    sb = load(run / "state000006.pt")["schedule_sampler"]
     assert torch.equal(sa["loss_history"], sb["loss_history"]) and sa["loss_counts"].sum() > 0
 
+    refused = run_script("image_train.py", *args, f"--log_dir={run}", "--lr=2e-3")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "--lr 0.001 there, 0.002 now" in refused.stderr, refused.stderr
+    assert f"--resume_checkpoint {run / 'model000006.pt'}" in refused.stderr
+    assert snapshot(run) == after
+
     # the saved flags rebuild the model: the checkpoint loads with strict=True
-    saved = json.loads((tmp_path / "full" / "flags.json").read_text())
-    assert saved["input_perturbation"] == 0.1 and saved["max_steps"] == 6
-    model, _ = create_model_and_diffusion(**{k: saved[k] for k in model_and_diffusion_defaults()})
-    model.load_state_dict(load(tmp_path / "full" / "ema_0.99_000006.pt"), strict=True)
-    assert {v.dtype for v in load(tmp_path / "full" / "model000006.pt").values()} == {torch.float32}
+    saved_flags = json.loads((run / "flags.json").read_text())
+    assert saved_flags["input_perturbation"] == 0.1 and saved_flags["max_steps"] == 6
+    model, _ = create_model_and_diffusion(
+        **{k: saved_flags[k] for k in model_and_diffusion_defaults()}
+    )
+    model.load_state_dict(load(run / "ema_0.99_000006.pt"), strict=True)
+    assert {v.dtype for v in load(run / "model000006.pt").values()} == {torch.float32}
+
+
+def _rank_pid(mpirun_pid: int, rank: int) -> int:
+    """The pid of MPI rank ``rank`` among the descendants of ``mpirun_pid`` (Linux /proc)."""
+    children = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    todo, found = [mpirun_pid], []
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            try:
+                environ = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PMI_RANK={rank}".encode() in environ:
+                found.append(child)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_sigterm_and_ctrl_c_under_mpirun(tmp_path):
+    """2 ranks: a SIGTERM to rank 1 alone stops both ranks at the same step (they agree
+    every 10 steps), saved, exit 143, one line; the rerun of the same command resumes there;
+    Ctrl-C (SIGINT to mpirun) prints one line, exit 130, no traceback, no MPICH banner."""
+    data = write_npz(tmp_path / "d.npz")
+    args = [*TINY_RUN, f"--data_dir={data}", "--max_steps=1000", f"--log_dir={tmp_path / 'run'}"]
+    cmd, env = script_command("image_train.py", *args, ranks=2)
+    rc, out, err = start_and_signal(
+        cmd, env, signal.SIGTERM, after="| step ", pid=lambda p: _rank_pid(p.pid, 1)
+    )
+    assert rc == 143 and "Traceback" not in err and "BAD TERMINATION" not in out + err, err
+    saved = tmp_path / "run" / "model000010.pt"
+    assert err.count(f"preempted at step 10: saved {saved}; rerun the same command") == 1, err
+    assert sorted(p.name for p in (tmp_path / "run").glob("model*.pt")) == [saved.name]
+
+    rc, out, err = start_and_signal(cmd, env, signal.SIGINT, after="| step ")
+    assert f"resuming from {saved}" in out, out
+    assert rc == 130 and "Traceback" not in err and "BAD TERMINATION" not in out + err, err
+    assert err.count("interrupted; rerun the same command to resume") == 1, err
 
 
 def test_fp16_resume_restores_master_params_optimizer_and_loss_scale(tmp_path):
