@@ -583,8 +583,9 @@ def run_training(loop: TrainerBase, args: argparse.Namespace) -> None:
     its checkpoint is saved; ``cli.cli`` prints it on rank 0 and exits with 143.
     """
     save_flags(args)
-    if dist_util.is_main():  # guided-diffusion's progress.csv, besides stdout and log.txt
-        logger.get_current().output_formats.append(logger.make_output_format("csv", args.log_dir))
+    formats = logger.get_current().output_formats  # rank 0 keeps the original's progress.csv
+    if dist_util.is_main() and not any(isinstance(f, logger.CSVOutputFormat) for f in formats):
+        formats.append(logger.make_output_format("csv", args.log_dir))
     logger.log("training...")
     loop.run_loop()
     logger.log("training done")

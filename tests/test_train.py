@@ -508,6 +508,8 @@ def test_sigterm_saves_the_step_and_the_rerun_ends_like_the_uninterrupted_run(tm
     after = snapshot(run)
     assert all(after[k] == v for k, v in saved.items())
     assert not any(name.startswith("flags_resume") for name in after)  # the same flags
+    with open(run / "progress.csv") as f:  # the log continues where the first run stopped
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 7))
     out = run_script("image_train.py", *args, f"--log_dir={whole}")
     assert out.returncode == 0, out.stderr
     names = ["model000006.pt", "ema_0.9_000006.pt", "ema_0.99_000006.pt"]
@@ -551,7 +553,9 @@ def _rank_pid(mpirun_pid: int, rank: int) -> int:
                 environ = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if f"PMI_RANK={rank}".encode() in environ:
+            if {f"PMI_RANK={rank}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode()} & set(
+                environ
+            ):
                 found.append(child)
     assert len(found) == 1, found
     return found[0]
