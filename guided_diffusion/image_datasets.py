@@ -18,6 +18,10 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
@@ -115,8 +119,15 @@ def load_data(
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=_collate,
+        worker_init_fn=_ignore_sigterm if num_workers else None,
     )
     return _forever(loader)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers leave SIGTERM to the training process (which saves, then stops them);
+    a cluster's SIGTERM reaches every process of the job."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -378,3 +389,23 @@ def _collate(items: list[Any]) -> Any:
     if items and "y" in items[0][1]:
         cond["y"] = torch.from_numpy(np.array([out["y"] for _, out in items], dtype=np.int64))
     return batch, cond
+
+
+def prepare_fashion_mnist(out_dir: str, source: str = "") -> dict:
+    """``{"train": path, "test": path}`` of ``fmnist_{train,test}.npz`` in ``out_dir``, made by
+    ``datasets/fashion_mnist.py`` (in its own process, as a user runs it) when missing.
+
+    Raises ``DataError`` with the script's one-line error when it fails.
+    """
+    paths = {s: Path(out_dir) / f"fmnist_{s}.npz" for s in ("train", "test")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    script = Path(__file__).resolve().parents[1] / "datasets" / "fashion_mnist.py"
+    cmd = [sys.executable, str(script), "--out_dir", str(out_dir), "--no_png"]
+    proc = subprocess.run(
+        cmd + (["--source", source] if source else []), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["unknown error"]
+        raise DataError(f"cannot prepare Fashion-MNIST in {out_dir}: {lines[-1]}")
+    return paths

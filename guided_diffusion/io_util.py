@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -183,8 +184,10 @@ def image_grid(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
     """
     images = np.asarray(images)[: ncol * ncol]
     n, h, w, c = images.shape
-    if c == 3 and np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(
-        images[..., 0], images[..., 2]
+    if (
+        c == 3
+        and np.array_equal(images[..., 0], images[..., 1])
+        and np.array_equal(images[..., 0], images[..., 2])
     ):
         images, c = images[..., :1], 1
     rows, cols = math.ceil(n / ncol), min(n, ncol)
@@ -217,8 +220,7 @@ def ensure_parent(path: PathLike, what: str) -> Path:
     parent = Path(path).resolve().parent
     if not parent.exists():
         raise FileNotFoundError(
-            f"{what} {path}: folder {parent} does not exist; create it first or pick "
-            "another path"
+            f"{what} {path}: folder {parent} does not exist; create it first or pick another path"
         )
     if not parent.is_dir():
         raise NotADirectoryError(f"{what} {path}: {parent} is not a folder")
@@ -243,3 +245,23 @@ def ensure_output_dir(path: PathLike, what: str = "--log_dir") -> Path:
             f"{what} {path}: a part of the path is a file; pass a folder path"
         ) from None
     return p
+
+
+def settings_folder(root: PathLike, settings: Dict[str, Any]) -> Path:
+    """``root/runs/<hash of settings>``, created, with the settings as ``settings.json``:
+    outputs made with other settings never share a folder, and a rerun with the same
+    settings finds its earlier outputs there (resume)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    folder = Path(root) / "runs" / hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "settings.json", settings)
+    return folder
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 hex digest of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,8 +1,8 @@
-"""Model and diffusion factories, and the flag defaults that form the command-line contract.
+"""Model and diffusion factories from the flags (guided-diffusion's ``script_util`` API).
 
-The defaults dicts here are the single source of truth for the flags of every script:
-names and defaults are those of guided-diffusion, except ``eps_scaler`` (default 1.0, plain
-ADM) and the added ``eps_scaler_k`` and ``num_classes``.
+The ``*_defaults()`` functions, ``add_dict_to_argparser``, ``args_to_dict`` and
+``str2bool`` keep their original names and behaviour; the flags themselves (defaults, help,
+choices, ranges) live in one table, ``flags.FLAGS``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,18 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 from . import gaussian_diffusion as gd
+from .flags import (
+    CLASSIFIER_FLAGS,
+    DIFFUSION_FLAGS,
+    FLAGS,
+    MODEL_FLAGS,
+    NUM_CLASSES,
+    add_flags,
+    flag_defaults,
+    str2bool,  # noqa: F401 - guided-diffusion's API re-exported
+)
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
-
-NUM_CLASSES = 1000  # default of --num_classes (ImageNet)
 
 # Channel multiplier per resolution when --channel_mult is not given (one table for all).
 CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
@@ -26,136 +34,41 @@ CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
     64: (1, 2, 3, 4),
     32: (1, 2, 2, 2),
 }
+# Super-resolution models by output size (the original's table, plus 32 for small tests).
 SR_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
     512: (1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
 }
-
-# Help text of every flag defined in this module (scripts add their own).
-FLAG_HELP: Dict[str, str] = {
-    "image_size": "image height and width in pixels",
-    "num_channels": "base channel count of the UNet",
-    "num_res_blocks": "residual blocks per resolution",
-    "num_heads": "attention heads (ignored when num_head_channels is set)",
-    "num_heads_upsample": "attention heads in the upsampling path (-1: same as num_heads)",
-    "num_head_channels": "channels per attention head (-1: use num_heads)",
-    "attention_resolutions": "comma-separated resolutions with self-attention, e.g. 32,16,8",
-    "channel_mult": "comma-separated channel multipliers per resolution ('' = by image_size)",
-    "dropout": "dropout rate in the residual blocks (training only)",
-    "class_cond": "class-conditional model (labels in 0..num_classes-1)",
-    "num_classes": "number of classes of a class-conditional model",
-    "use_checkpoint": "gradient checkpointing (saves memory when training)",
-    "use_scale_shift_norm": "apply the timestep embedding as scale and shift (FiLM)",
-    "resblock_updown": "resample inside residual blocks (BigGAN style)",
-    "use_fp16": "run the UNet trunk in float16 (GPU only)",
-    "use_bf16": "run the UNet trunk in bfloat16 (GPU only; alternative to use_fp16)",
-    "use_new_attention_order": "qkv laid out as (all q, all k, all v) instead of per head",
-    "in_channels": "image channels (3: RGB, every official checkpoint; 1: grey)",
-    "class_dropout_prob": "training: replace the label by the null class num_classes with this "
-    "probability, for classifier-free guidance; > 0 adds that class's embedding row (0.0: the "
-    "official layouts)",
-    "learn_sigma": "the model outputs the variance too (6 output channels)",
-    "diffusion_steps": "number of diffusion steps the model was trained with",
-    "noise_schedule": "beta schedule",
-    "timestep_respacing": "sampling steps: a count (100), counts per section (10,15,20) or ddimN",
-    "use_kl": "train on the variational bound (rescaled KL)",
-    "predict_xstart": "the model predicts x_0 instead of the noise",
-    "rescale_timesteps": "feed the model timesteps scaled to 0..1000",
-    "rescale_learned_sigmas": "rescaled MSE: VB term weighted by num_timesteps/1000",
-    "eps_scaler": "Epsilon Scaling b: eps is divided by lambda_i = k*i + b when sampling "
-    "(1.0 = plain ADM)",
-    "eps_scaler_k": "Epsilon Scaling k of lambda_i = k*i + b, i = sampling step index, "
-    "0 = last step (0.0 = uniform)",
-    "classifier_use_fp16": "run the classifier trunk in float16 (GPU only)",
-    "classifier_width": "base channel count of the classifier",
-    "classifier_depth": "residual blocks per resolution in the classifier",
-    "classifier_attention_resolutions": "resolutions with self-attention in the classifier",
-    "classifier_use_scale_shift_norm": "scale-shift timestep embedding in the classifier",
-    "classifier_resblock_updown": "resample inside the classifier's residual blocks",
-    "classifier_pool": "classifier head",
-    "classifier_channel_mult": "classifier channel multipliers ('' = by image_size)",
-    "large_size": "output size of the super-resolution model",
-    "small_size": "input (low-resolution) size of the super-resolution model",
-}
-FLAG_CHOICES: Dict[str, Sequence[str]] = {
-    "noise_schedule": ("linear", "cosine"),
-    "classifier_pool": ("adaptive", "attention", "spatial", "spatial_v2"),
-}
+# Help text and choices of every flag: views of the one table in flags.py.
+FLAG_HELP: Dict[str, str] = {name: flag.help for name, flag in FLAGS.items()}
+FLAG_CHOICES: Dict[str, Sequence[Any]] = {n: f.choices for n, f in FLAGS.items() if f.choices}
 
 
 def diffusion_defaults() -> Dict[str, Any]:
     """Defaults of the diffusion flags (image and classifier training share them)."""
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-        eps_scaler=1.0,
-        eps_scaler_k=0.0,
-    )
+    return flag_defaults(DIFFUSION_FLAGS)
 
 
 def classifier_defaults() -> Dict[str, Any]:
     """Defaults of the noisy-image classifier flags."""
-    return dict(
-        image_size=64,
-        classifier_use_fp16=False,
-        classifier_width=128,
-        classifier_depth=2,
-        classifier_attention_resolutions="32,16,8",  # 16
-        classifier_use_scale_shift_norm=True,  # False
-        classifier_resblock_updown=True,  # False
-        classifier_pool="attention",
-        classifier_channel_mult="",
-    )
+    return flag_defaults(CLASSIFIER_FLAGS)
 
 
 def model_and_diffusion_defaults() -> Dict[str, Any]:
     """Defaults of the image model and diffusion flags."""
-    res = dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        num_classes=NUM_CLASSES,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_bf16=False,
-        use_new_attention_order=False,
-        in_channels=3,
-        class_dropout_prob=0.0,
-    )
-    res.update(diffusion_defaults())
-    return res
+    return flag_defaults(MODEL_FLAGS + DIFFUSION_FLAGS)
 
 
 def classifier_and_diffusion_defaults() -> Dict[str, Any]:
-    res = classifier_defaults()
-    res.update(diffusion_defaults())
-    return res
+    return flag_defaults(CLASSIFIER_FLAGS + DIFFUSION_FLAGS)
 
 
 def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
     """Defaults of the super-resolution model flags."""
-    res = model_and_diffusion_defaults()
-    res["large_size"] = 256
-    res["small_size"] = 64
-    for k in ("image_size", "channel_mult"):
-        del res[k]
-    return res
+    names = [n for n in MODEL_FLAGS if n not in ("image_size", "channel_mult")]
+    return flag_defaults(["large_size", "small_size"] + names + DIFFUSION_FLAGS)
 
 
 def resolve_channel_mult(
@@ -284,11 +197,18 @@ def create_model(
     use_bf16=False,
     in_channels=3,
     class_dropout_prob=0.0,
+    null_class: Optional[bool] = None,
 ) -> UNetModel:
-    """Build the ADM UNet from the flags."""
+    """Build the ADM UNet from the flags.
+
+    ``null_class`` adds the "no label" row of classifier-free guidance to the label
+    embedding (default: when ``class_dropout_prob > 0``).
+    """
     if use_fp16 and use_bf16:
         raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
     check_class_dropout(class_dropout_prob, class_cond)
+    if null_class is None:
+        null_class = class_dropout_prob > 0
     model = UNetModel(
         image_size=image_size,
         in_channels=in_channels,
@@ -308,7 +228,7 @@ def create_model(
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
         attention_impl=attention_impl,
-        null_class=class_dropout_prob > 0,
+        null_class=null_class,
     )
     if use_bf16:
         model.convert_to_fp16(torch.bfloat16)
@@ -579,39 +499,9 @@ def add_dict_to_argparser(
     help: Optional[Dict[str, str]] = None,
     choices: Optional[Dict[str, Sequence[str]]] = None,
 ) -> None:
-    """Add one ``--key`` flag per entry, typed like its default (bools parse yes/no/true/...).
-
-    Help text comes from ``FLAG_HELP`` and ``help``; allowed values from ``FLAG_CHOICES``
-    and ``choices`` (checked by argparse).
-    """
-    help = {**FLAG_HELP, **(help or {})}
-    choices = {**FLAG_CHOICES, **(choices or {})}
-    for k, v in default_dict.items():
-        v_type: Any = type(v)
-        if v is None:
-            v_type = str
-        elif isinstance(v, bool):
-            v_type = str2bool
-        kwargs: Dict[str, Any] = dict(default=v, type=v_type, help=help.get(k, k.replace("_", " ")))
-        if k in choices:
-            kwargs["choices"] = tuple(choices[k])
-        if not isinstance(v, bool) and v is not None:
-            kwargs["help"] += f" (default: {v!r})"
-        elif isinstance(v, bool):
-            kwargs["help"] += f" (default: {v})"
-        parser.add_argument(f"--{k}", **kwargs)
+    """Add one ``--key`` flag per entry (guided-diffusion's API; see ``flags.add_flags``)."""
+    add_flags(parser, default_dict, help=help, choices=choices)
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
-
-
-def str2bool(v: Any) -> bool:
-    """Parse a boolean flag value (https://stackoverflow.com/questions/15008758)."""
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")

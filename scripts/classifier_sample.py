@@ -10,57 +10,45 @@ eps scaler is applied exactly once in both cases.
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_checkpoint_into, read_state_dict
+from guided_diffusion.cli import UserError, cli, start_script
+from guided_diffusion.flags import (
+    CLASSIFIER_FLAGS,
+    DIFFUSION_FLAGS,
+    MODEL_FLAGS,
+    SAMPLING_FLAGS,
+    add_flags,
+    flag_defaults,
+)
+from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.sample_util import (
-    SAMPLING_CHOICES,
-    SAMPLING_HELP,
-    UserError,
+    SamplingOptions,
     build_diffusion,
-    cli,
-    generate_batch,
     load_unet,
     optimize_for_sampling,
-    run_sampling,
-    sampling_defaults,
-    start_sampling_script,
+    sample_images,
+    sampling_model,
 )
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    classifier_defaults,
-    create_classifier,
-    model_and_diffusion_defaults,
+from guided_diffusion.script_util import args_to_dict, classifier_defaults, create_classifier
+
+HELP = dict(
+    use_ddim="DDIM sampling (guidance on the score) instead of DDPM (guidance on the mean)",
+    model_path="diffusion model checkpoint (.pt state dict)",
 )
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = sampling_defaults()
-    defaults.update(classifier_path="", classifier_scale=1.0)
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(classifier_defaults())
+    names = SAMPLING_FLAGS + ["classifier_path", "classifier_scale"] + MODEL_FLAGS
+    names += DIFFUSION_FLAGS + [n for n in CLASSIFIER_FLAGS if n != "image_size"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(
-        parser,
-        defaults,
-        choices=SAMPLING_CHOICES,
-        help=dict(
-            SAMPLING_HELP,
-            use_ddim="DDIM sampling (guidance on the score) instead of DDPM (guidance on the mean)",
-            model_path="diffusion model checkpoint (.pt state dict)",
-            classifier_path="noisy-image classifier checkpoint (.pt state dict)",
-            classifier_scale="guidance scale s: the gradient of s * log p(y | x_t) is used",
-        ),
-    )
+    add_flags(parser, flag_defaults(names), help=HELP)
     return parser
 
 
 def load_classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """Build the classifier of the flags and load ``--classifier_path`` into it (strict)."""
-    if not args.classifier_path:
-        raise UserError("--classifier_path is required for classifier guidance")
     state = read_state_dict(args.classifier_path)
     flags = args_to_dict(args, classifier_defaults().keys())
     with torch.device("meta"):
@@ -78,51 +66,36 @@ def load_classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.
 
 def main() -> None:
     parser = create_argparser()
-    if not parser.parse_args().model_path:
+    given = parser.parse_args()
+    if not given.model_path:
         raise UserError("--model_path is required for classifier guidance")
-    args = start_sampling_script(parser)
+    if not given.classifier_path:
+        raise UserError("--classifier_path is required for classifier guidance")
+    args = start_script(parser, "sample")
     device = dist_util.dev()
-
     diffusion = build_diffusion(args)
+    options = SamplingOptions.from_args(args)
+    cond_fn = classifier_cond_fn(load_classifier(args, device), args.classifier_scale)
     logger.log(f"loading {args.model_path} and {args.classifier_path}")
-    classifier = load_classifier(args, device)
-    model = optimize_for_sampling(load_unet(args, device), args, device)
-    scale = float(args.classifier_scale)
-
-    def cond_fn(x, t, y=None):
-        """grad_x log p(y | x_t) * classifier_scale."""
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
-            selected = log_probs[torch.arange(len(log_probs), device=x.device), y.view(-1)]
-            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+    unet = load_unet(args, device)
+    model = sampling_model(optimize_for_sampling(unet, args, device), unet, args)
 
     def model_fn(x, t, y=None):
-        return model(x, t, y if args.class_cond else None)
+        return model(x, t, y=y if args.class_cond else None)
 
-    def sample_batch(n: int, generator: torch.Generator):
-        return generate_batch(
-            model_fn,
-            diffusion,
-            n,
-            generator,
-            image_size=args.image_size,
-            device=device,
-            use_ddim=args.use_ddim,
-            clip_denoised=args.clip_denoised,
-            num_classes=args.num_classes,
-            cond_fn=cond_fn,
-        )
-
-    run_sampling(
-        sample_batch,
-        flags=vars(args),
+    sample_images(
+        model_fn,
+        diffusion,
         log_dir=args.log_dir,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
-        image_size=args.image_size,
+        shape=(args.in_channels, args.image_size, args.image_size),
         seed=args.seed,
         device=device,
+        options=options,
+        num_classes=args.num_classes,
+        cond_fn=cond_fn,
+        flags=vars(args),
         progress=args.progress,
     )
     dist_util.cleanup()
