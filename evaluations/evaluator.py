@@ -43,7 +43,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy
@@ -273,6 +273,33 @@ def paired_bootstrap_fid(
         "num_samples": int(n),
         "seed": int(seed),
     }
+
+
+def score_sets(
+    evaluator: Evaluator,
+    sets: Mapping[Any, np.ndarray],
+    ref: Reference,
+    baseline: Any,
+    num_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Dict[Any, Dict[str, Any]]:
+    """The five numbers of every sample set, and the paired bootstrap interval of
+    FID(set) - FID(baseline) (:func:`paired_bootstrap_fid`).
+
+    Image i of every set must come from the same seed (e.g. one sampler at several eps
+    scalers, or several samplers from the same noise). Returns ``{key: {inception_score,
+    fid, sfid, precision, recall, diff, diff_interval}}`` in the order of ``sets``.
+    """
+    if baseline not in sets:
+        raise EvaluatorError(f"the baseline {baseline!r} is not one of the sample sets")
+    scores = {k: evaluator.score(images, ref) for k, images in sets.items()}
+    base = scores[baseline].pool
+    out = {}
+    for k, s in scores.items():
+        boot = paired_bootstrap_fid(ref.stats, s.pool, base, num_boot, seed, level)
+        out[k] = {**s.as_dict(), "diff": boot["diff"], "diff_interval": boot["diff_interval"]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -383,6 +383,39 @@ def delta_curve(
     }
 
 
+def lambda_curves(
+    diffusion: GaussianDiffusion,
+    model: ModelFn,
+    x0: torch.Tensor,
+    seeds: Sequence[int],
+    lambdas: Sequence[float],
+    *,
+    model_kwargs: Optional[dict] = None,
+    sampler: str = "ddpm",
+) -> Tuple[Dict[str, np.ndarray], Dict[float, Dict[str, np.ndarray]]]:
+    """The paper's two views of exposure bias at several uniform eps scalers, on one batch.
+
+    :return: (mean eps-norm curves by step index i: ``training`` and one ``sampling, lambda
+        L`` per lambda, the norm of eps / lambda; the ``delta_curve`` of each lambda). Every
+        lambda samples from the same x_T and noise.
+    """
+    curves = {"training": train_eps_norms(diffusion, model, x0, seeds, model_kwargs=model_kwargs)}
+    deltas = {}
+    for lam in lambdas:
+        res = sampling_pass(
+            diffusion.with_eps_scaler(lam),
+            model,
+            x0,
+            seeds,
+            sampler=sampler,
+            model_kwargs=model_kwargs,
+            with_moments=True,
+        )
+        curves[f"sampling, lambda {lam:g}"] = res.eps_norm / res.lam
+        deltas[lam] = delta_curve(res.moments, res.final, diffusion.alphas_cumprod)
+    return {k: v.mean(axis=0) for k, v in curves.items()}, deltas
+
+
 def relative_gap(sample_norm: np.ndarray, train_norm: np.ndarray) -> np.ndarray:
     """g_i = S_i / T_i - 1: the relative excess of the sampling curve over the training curve."""
     return np.asarray(sample_norm, dtype=np.float64) / np.asarray(train_norm, dtype=np.float64) - 1
