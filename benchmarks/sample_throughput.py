@@ -1,30 +1,39 @@
-"""Sampling throughput of the ADM UNet: plain fp32 eager versus the fast path.
+"""Sampling throughput of the ADM UNet: the plain reference path versus the fast paths.
 
 Builds an official configuration (random weights; the flags come from the recorded layouts
-of the official checkpoints) or a small one, and times one UNet pass and one full sampling
-step (p_sample with Epsilon Scaling) after warm-up, with CUDA events on a GPU and
-perf_counter on a CPU. Prints ms per pass, images/s at 100 steps, effective TFLOP/s
-(FLOPs counted by torch.utils.flop_counter) and the relative error of each path against the
-plain fp32 path on the same inputs.
+of the official checkpoints) or a small one, and times, for every path, one UNet pass and
+one sampling step (``p_sample`` with Epsilon Scaling: the network plus the sampler's
+per-step work). Paths are timed in interleaved repeats (plain, default, bf16, plain,
+default, ...), so drifting load on a shared machine hits them alike; each repeat times
+``--iters`` calls after warm-up (wall clock: CUDA events on a GPU, perf_counter on a CPU).
+Printed per path: ms per pass and per step (min/median/max over the repeats), the speed-up
+over the plain path (plain time / path time of the same repeat: min/median/max), and the
+relative error of the output against the plain path on the same inputs.
 
-    python benchmarks/sample_throughput.py --config imagenet64_cond --paths plain,fast
-    python benchmarks/sample_throughput.py --config tiny32 --device cpu
+Paths: ``plain`` is the original's computation (einsum attention, contiguous memory, fp32);
+``default`` is what the sampling scripts run (``fast_path.optimize_for_sampling`` with its
+device defaults, fp32); ``bf16`` / ``fp16`` run the trunk in half precision; ``fast`` and
+``fast-graphs`` add ``torch.compile`` (GPU).
+
+    python benchmarks/sample_throughput.py --device cpu --config fmnist32 --batch_size 64
+    python benchmarks/sample_throughput.py --device cpu --config cifar10_uncond_32 --threads 1
+    python benchmarks/sample_throughput.py --config imagenet64_cond --paths default,fp16,fast
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from guided_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from guided_diffusion.fast_path import cpu_supports_fast_bf16, optimize_for_sampling
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.unet import set_attention_impl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +46,20 @@ README_BATCH = {
     "imagenet128_cond": 100,
 }
 SMALL = {
-    # the demo model's architecture, and a ~11M-parameter 32x32 model like the training anchor
+    # the bundled Fashion-MNIST model (class-conditional, grey, classifier-free guidance)
+    "fmnist32": dict(
+        image_size=32,
+        in_channels=1,
+        class_cond=True,
+        num_classes=10,
+        class_dropout_prob=0.1,
+        num_channels=32,
+        num_res_blocks=2,
+        channel_mult="1,2,2,2",
+        attention_resolutions="8",
+        num_head_channels=32,
+    ),
+    # the previous demo model
     "tiny32": dict(
         image_size=32,
         num_channels=32,
@@ -46,6 +68,7 @@ SMALL = {
         attention_resolutions="16",
         num_head_channels=32,
     ),
+    # a ~11M-parameter 32x32 model like the training anchor
     "small32": dict(
         image_size=32,
         num_channels=64,
@@ -56,13 +79,13 @@ SMALL = {
     ),
 }
 PATHS = {
-    # name: (attention, half dtype or None, channels_last, compile mode or None)
-    "plain": ("einsum", None, False, None),
-    "default": ("sdpa", None, True, None),
-    "bf16": ("sdpa", torch.bfloat16, True, None),
-    "fp16": ("sdpa", torch.float16, True, None),
-    "fast": ("sdpa", torch.bfloat16, True, "max-autotune-no-cudagraphs"),
-    "fast-graphs": ("sdpa", torch.bfloat16, True, "reduce-overhead"),
+    # name: (attention, channels_last (None: the device default), precision, compile mode)
+    "plain": ("einsum", False, "fp32", None),
+    "default": ("auto", None, "fp32", None),
+    "bf16": ("auto", None, "bf16", None),
+    "fp16": ("auto", None, "fp16", None),
+    "fast": ("auto", None, "bf16", "max-autotune-no-cudagraphs"),
+    "fast-graphs": ("auto", None, "bf16", "reduce-overhead"),
 }
 
 
@@ -81,6 +104,27 @@ def config_flags(name: str) -> dict:
         flags.update({k: v for k, v in configs[name]["flags"].items() if k != "eps_scaler"})
     flags.update(timestep_respacing="100", eps_scaler=1.006)
     return flags
+
+
+@torch.no_grad()
+def random_weights(model: nn.Module, generator: torch.Generator) -> None:
+    """Weights with the activation scales of a trained model (the golden fixture's init).
+
+    conv/linear W ~ N(0, 1/fan_in), b ~ N(0, 0.05^2); GroupNorm w ~ 1 + N(0, 0.1^2),
+    b ~ N(0, 0.05^2); embeddings ~ N(0, 0.5^2). (Tiny weights everywhere would shrink the
+    activations into float denormals, whose arithmetic is slow on CPUs and would skew the
+    timings; the zero-initialised output layers would make the output zero.)
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            m.weight.normal_(0, m.weight[0].numel() ** -0.5, generator=generator)
+            if m.bias is not None:
+                m.bias.normal_(0, 0.05, generator=generator)
+        elif isinstance(m, nn.GroupNorm):
+            m.weight.normal_(1, 0.1, generator=generator)
+            m.bias.normal_(0, 0.05, generator=generator)
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0, 0.5, generator=generator)
 
 
 def timer(device: torch.device):
@@ -103,109 +147,139 @@ def timer(device: torch.device):
     return run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--config", default="tiny32", help=f"one of {sorted(README_BATCH) + sorted(SMALL)}"
+def build_path(name: str, flags: dict, state: dict, device: torch.device):
+    """The sampling callable of one path, built from the shared random weights."""
+    attention, channels_last, precision, compile_mode = PATHS[name]
+    model, _ = create_model_and_diffusion(**flags)
+    model.load_state_dict(state)
+    model.to(device)
+    set_attention_impl(model, attention)
+    return optimize_for_sampling(
+        model,
+        device=device,
+        channels_last=channels_last,
+        compile=compile_mode is not None,
+        compile_mode=compile_mode or "default",
+        precision=precision,
     )
-    p.add_argument("--batch_size", type=int, default=0, help="0: the README batch size (CPU: 16)")
-    p.add_argument("--paths", default="plain,default,fast", help=f"comma list of {list(PATHS)}")
+
+
+def skip_reason(name: str, device: torch.device) -> str:
+    precision, compile_mode = PATHS[name][2], PATHS[name][3]
+    if device.type == "cpu":
+        if precision == "fp16":
+            return "fp16 needs a GPU"
+        if precision == "bf16" and not cpu_supports_fast_bf16():
+            return "this CPU has no AVX512-BF16/AMX: bf16 would be emulated"
+        if compile_mode is not None:
+            return "torch.compile takes minutes to warm up on a CPU (run it on a GPU)"
+    return ""
+
+
+def spread(values) -> str:
+    return f"{min(values):.3g}/{statistics.median(values):.3g}/{max(values):.3g}"
+
+
+def main() -> None:
+    names = sorted(README_BATCH) + sorted(SMALL)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="fmnist32", help=f"one of {names}")
+    p.add_argument(
+        "--batch_size", type=int, default=0, help="0: the README batch size on GPUs, 16 on CPUs"
+    )
+    p.add_argument(
+        "--paths", default="", help=f"comma list of {list(PATHS)} (default: plain,default,bf16)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations after warm-up")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats of every path")
+    p.add_argument("--iters", type=int, default=2, help="timed calls per path and repeat")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of every path first")
     args = p.parse_args()
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    if args.config not in {**README_BATCH, **SMALL}:
-        p.error(
-            f"unknown --config {args.config!r}; choose from {sorted(README_BATCH) + sorted(SMALL)}"
-        )
-    flags = config_flags(args.config)
-    batch = args.batch_size or (README_BATCH.get(args.config, 64) if device.type == "cuda" else 16)
-
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**flags)
-    for prm in model.parameters():  # random weights everywhere (the output convs start at 0)
-        with torch.no_grad():
-            prm.normal_(0, 0.02) if prm.ndim > 1 else prm.normal_(0, 0.01)
-    model.eval().to(device)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, 3, flags["image_size"], flags["image_size"], device=device, generator=g)
-    t = torch.full((batch,), 50, device=device, dtype=torch.long)
-    kwargs = {}
-    if flags["class_cond"]:
-        kwargs["y"] = torch.randint(0, flags["num_classes"], (batch,), device=device, generator=g)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(
-            x[:1],
-            diffusion.timestep_map[50] * torch.ones(1, dtype=torch.long, device=device),
-            **{k: v[:1] for k, v in kwargs.items()},
-        )
-    gflop = fc.get_total_flops() / 1e9
-    n_params = sum(q.numel() for q in model.parameters()) / 1e6
-    print(
-        f"{args.config}: {n_params:.1f}M params, {gflop:.1f} GFLOP/img, batch {batch}, "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-        f"torch {torch.__version__}"
-    )
-    run = timer(device)
-    names = args.paths.split(",")
-    unknown = [n for n in names if n not in PATHS]
+    if args.config not in names:
+        p.error(f"unknown --config {args.config!r}; choose from {names}")
+    paths = (args.paths or "plain,default,bf16").split(",")
+    unknown = [n for n in paths if n not in PATHS]
     if unknown:
         p.error(f"unknown --paths {unknown}; choose from {list(PATHS)}")
-    # the reference of the relative errors: the plain fp32 eager path on the same inputs
-    reference = measure(
-        "plain",
-        flags,
-        state,
-        diffusion,
-        x,
-        t,
-        kwargs,
-        g,
-        lambda f, n: 0.0,
-        argparse.Namespace(warmup=0, iters=0),
-    )[0]
-    for name in names:
-        if PATHS[name][1] is not None and device.type != "cuda":
-            print(f"{name:12s} skipped (half precision needs a GPU)")
+    if paths[0] != "plain":
+        paths.insert(0, "plain")  # the reference of the ratios and errors
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    flags = config_flags(args.config)
+    batch = args.batch_size or (README_BATCH.get(args.config, 64) if device.type == "cuda" else 16)
+    g = torch.Generator().manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**flags)
+    random_weights(model, g)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    size, channels = flags["image_size"], flags["in_channels"]
+    x = torch.randn(batch, channels, size, size, generator=g).to(device)
+    t = torch.full((batch,), 50, device=device, dtype=torch.long)  # a respaced step index
+    t_model = diffusion.timestep_map[50] * torch.ones_like(t)  # the UNet's timestep
+    kwargs = {}
+    if flags["class_cond"]:
+        kwargs["y"] = torch.randint(0, flags["num_classes"], (batch,), generator=g).to(device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.to(device)(x[:1], t_model[:1], **{k: v[:1] for k, v in kwargs.items()})
+    gflop = fc.get_total_flops() / 1e9
+    del model
+
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        bf16 = "yes" if cpu_supports_fast_bf16() else "no"
+        hardware = f"cpu ({torch.backends.cpu.get_cpu_capability()}, fast bf16: {bf16})"
+    n_params = sum(v.numel() for v in state.values() if v.is_floating_point()) / 1e6
+    print(
+        f"{args.config}: {n_params:.1f}M params, {gflop:.2f} GFLOP/img, batch {batch}, "
+        f"{torch.get_num_threads()} thread(s), {hardware}, torch {torch.__version__}; "
+        f"{args.repeats} interleaved repeats of {args.iters} calls, wall clock"
+    )
+    fns = {}
+    for name in paths:
+        reason = skip_reason(name, device)
+        if reason:
+            print(f"{name:12s} skipped: {reason}")
             continue
-        out, pass_s, step_s = measure(name, flags, state, diffusion, x, t, kwargs, g, run, args)
-        rel = float((out - reference).norm() / reference.norm())
-        print(
-            f"{name:12s} {pass_s * 1e3:8.1f} ms/pass  {step_s * 1e3:8.1f} ms/step  "
-            f"{batch / (step_s * 100):8.2f} img/s@100  "
-            f"{gflop * batch / pass_s / 1e3:7.2f} TFLOP/s  rel.err {rel:.2e}"
-        )
+        fns[name] = build_path(name, flags, state, device)
+    run = timer(device)
+    pass_s = {name: [] for name in fns}
+    step_s = {name: [] for name in fns}
+    outputs = {}
+    g_step = torch.Generator(device=device).manual_seed(1)
 
+    def sample_step(fn):
+        return diffusion.p_sample(fn, x, t, model_kwargs=kwargs, generator=g_step)
 
-def measure(name, flags, state, diffusion, x, t, kwargs, g, run, args):
-    """Build the model for one path; return (output, seconds per pass, seconds per step)."""
-    attn, half, channels_last, compile_mode = PATHS[name]
-    device = x.device
-    m, _ = create_model_and_diffusion(**flags)
-    m.load_state_dict(state)
-    m.eval().to(device)
-    set_attention_impl(m, attn)
-    if half is not None:
-        m.convert_to_fp16(half)
-    if channels_last:  # as optimize_for_sampling does, on every device
-        m = m.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    fn = torch.compile(m, mode=compile_mode) if compile_mode else m
-    t_model = torch.full_like(t, diffusion.timestep_map[int(t[0])])
     with torch.inference_mode():
-        for _ in range(args.warmup):
-            fn(x, t_model, **kwargs)
-            diffusion.p_sample(fn, x, t, model_kwargs=kwargs, generator=g)
-        pass_s = run(lambda: fn(x, t_model, **kwargs), args.iters)
-        step_s = run(
-            lambda: diffusion.p_sample(fn, x, t, model_kwargs=kwargs, generator=g), args.iters
+        for name, fn in fns.items():
+            outputs[name] = fn(x, t_model, **kwargs)
+            for _ in range(args.warmup):
+                fn(x, t_model, **kwargs)
+                sample_step(fn)
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                pass_s[name].append(run(lambda f=fn: f(x, t_model, **kwargs), args.iters))
+                step_s[name].append(run(lambda f=fn: sample_step(f), args.iters))
+    print(
+        f"{'path':12s} {'ms/pass min/med/max':>22s} {'ms/step min/med/max':>22s} "
+        f"{'plain/path pass':>18s} {'plain/path step':>18s} {'img/s@20':>9s} {'rel.err':>8s}"
+    )
+    ref = outputs["plain"]
+    for name in fns:
+        rel = float((outputs[name] - ref).norm() / ref.norm())
+        ratio_pass = [a / b for a, b in zip(pass_s["plain"], pass_s[name])]
+        ratio_step = [a / b for a, b in zip(step_s["plain"], step_s[name])]
+        print(
+            f"{name:12s} {spread([s * 1e3 for s in pass_s[name]]):>22s} "
+            f"{spread([s * 1e3 for s in step_s[name]]):>22s} "
+            f"{spread(ratio_pass):>18s} {spread(ratio_step):>18s} "
+            f"{batch / (statistics.median(step_s[name]) * 20):9.2f} {rel:8.1e}"
         )
-        out = fn(x, t_model, **kwargs).float()
-    return out, pass_s, step_s
 
 
 if __name__ == "__main__":
