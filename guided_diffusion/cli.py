@@ -197,6 +197,7 @@ def apply_bundled_model(
         return False
     meta = bundled_model_meta()
     defaults = {**meta["flags"], **meta.get("sampling_defaults", {})}
+    defaults.update(meta.get("evaluation_defaults", {}))  # e.g. its reference batch
     for k in defaults if keys is None else keys:
         if k in defaults and k not in explicit and hasattr(args, k):
             setattr(args, k, defaults[k])

@@ -272,6 +272,23 @@ FLAGS: Dict[str, Flag] = {
     "eb_samples": _f(128, "training images for delta_t and the eps-norm curves", low=2),
     "num_boot": _f(500, "bootstrap resamples of each FID interval", low=10),
     "threads": _f(0, "torch CPU threads (0 = all cores)", **NON_NEGATIVE),
+    # ------------------------------------------------------------------ sampler comparison
+    "steps_list": _f("10,20,50", "comma-separated sampling step counts"),
+    "methods": _f(
+        "adm,es,ts,ts_es,ddim,ddim_eta1,dpmpp2m,dpmpp2m_es",
+        "comma-separated methods: adm (DDPM), es (DDPM + eps scaler), ts (time shift), ts_es, "
+        "ddim (eta 0), ddim_eta1, dpmpp2m (DPM-Solver++ 2M), dpmpp2m_es",
+    ),
+    "es_scaler": _f(
+        0.0,
+        "b of the *_es methods (0 = calibrate it for each step count on --calib_samples images "
+        "of --data_dir)",
+        **NON_NEGATIVE,
+    ),
+    "ref_batch": _f("", "reference batch .npz for FID (arr_0 uint8 [N, H, W, 3])"),
+    "feature_net": _f(
+        "inception", "the evaluator's feature network", choices=("inception", "fmnist")
+    ),
     # ------------------------------------------------------------------ tools
     "checkpoint": _f("", "model or EMA checkpoint (.pt state dict)"),
     "flags": _f("", "flags.json written by image_train.py"),

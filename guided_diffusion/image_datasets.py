@@ -400,6 +400,7 @@ def prepare_fashion_mnist(out_dir: str, source: str = "") -> dict:
     paths = {s: Path(out_dir) / f"fmnist_{s}.npz" for s in ("train", "test")}
     if all(p.exists() for p in paths.values()):
         return paths
+    dist_util.print0(f"preparing Fashion-MNIST in {out_dir} ...")
     script = Path(__file__).resolve().parents[1] / "datasets" / "fashion_mnist.py"
     cmd = [sys.executable, str(script), "--out_dir", str(out_dir), "--no_png"]
     proc = subprocess.run(

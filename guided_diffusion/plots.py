@@ -179,6 +179,42 @@ def plot_fid_curve(
     return fig
 
 
+def plot_sampler_comparison(
+    path: PathLike, rows: Sequence[Mapping[str, Any]], *, ylabel: str = "FID"
+) -> Figure:
+    """FID against the number of sampling steps, one line per method (``compare_samplers``).
+
+    Each row has ``steps``, ``method``, ``fid`` and ``diff_interval`` (the interval of FID -
+    FID(adm) at the same steps): the bars around each point span FID(adm) + interval, so a
+    method differs from plain ADM beyond the noise where its bar misses the ADM point.
+    """
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    base = {r["steps"]: r["fid"] for r in rows if r["method"] == "adm"}
+    for n, method in enumerate(methods):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["steps"])
+        x = np.array([r["steps"] for r in rs], dtype=np.float64) * (
+            1 + 0.015 * (n - len(methods) / 2)
+        )
+        ax.plot(x, [r["fid"] for r in rs], "o-", ms=4, lw=1.3, label=method)
+        if method != "adm":
+            lo = [base[r["steps"]] + r["diff_interval"][0] for r in rs]
+            hi = [base[r["steps"]] + r["diff_interval"][1] for r in rs]
+            ax.vlines(x, lo, hi, color=ax.lines[-1].get_color(), lw=1, alpha=0.6)
+    ax.set_xscale("log")
+    steps = sorted({r["steps"] for r in rows})
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title("samplers from the same seeds (bars: 95% interval vs ADM)", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)

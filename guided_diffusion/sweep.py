@@ -12,14 +12,16 @@ set is sampled into ``run_dir/<name>/`` by ``sample_util.sample_images`` and res
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .io_util import PathLike
+from .calibration import CalibrationResult, calibrate
+from .io_util import PathLike, write_json_atomic
 from .sample_util import SamplingOptions, sample_images
 
 # the columns of a score table: (key, header, format)
@@ -42,6 +44,35 @@ class SampleSet:
     options: SamplingOptions = SamplingOptions()
 
 
+# the methods of compare_samplers.py: name -> (loop options, uses the eps scaler b)
+METHODS: Dict[str, Tuple[SamplingOptions, bool]] = {
+    "adm": (SamplingOptions(), False),  # DDPM (Ho et al. 2020), the ADM baseline
+    "es": (SamplingOptions(), True),  # ADM-ES (Ning et al. 2024)
+    "ts": (SamplingOptions(time_shift=True), False),  # TS-DPM (Li et al. 2024)
+    "ts_es": (SamplingOptions(time_shift=True), True),
+    "ddim": (SamplingOptions(sampler="ddim"), False),  # Song et al. 2021, eta 0
+    "ddim_eta1": (SamplingOptions(sampler="ddim", eta=1.0), False),
+    "dpmpp2m": (SamplingOptions(sampler="dpmpp2m"), False),  # Lu et al. 2022
+    "dpmpp2m_es": (SamplingOptions(sampler="dpmpp2m"), True),
+}
+
+
+def method_sets(
+    diffusion: Any, methods: Sequence[str], b: float, prefix: str = "", **time_shift: int
+) -> List[SampleSet]:
+    """One ``SampleSet`` per method of ``METHODS`` on ``diffusion`` (the *_es ones with eps
+    scaler ``b``), named ``prefix + method``; ``time_shift`` sets ts_cutoff/ts_window."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: choose among {sorted(METHODS)}")
+    sets = []
+    for m in methods:
+        options, scaled = METHODS[m]
+        options = SamplingOptions(**{**options.__dict__, **time_shift})
+        sets.append(SampleSet(prefix + m, diffusion.with_eps_scaler(b if scaled else 1.0), options))
+    return sets
+
+
 def sample_sets(
     model: Callable[..., torch.Tensor],
     sets: Sequence[SampleSet],
@@ -53,6 +84,7 @@ def sample_sets(
     seed: int,
     device: torch.device,
     num_classes: Optional[int] = None,
+    progress: bool = True,
 ) -> Dict[str, np.ndarray]:
     """``{name: uint8 images [num_samples, H, W, 3]}``, every set from the same seeds."""
     images = {}
@@ -68,6 +100,7 @@ def sample_sets(
             device=device,
             options=s.options,
             num_classes=num_classes,
+            progress=progress,
         )
         with np.load(path) as z:
             images[s.name] = z["arr_0"]
@@ -98,3 +131,24 @@ def format_table(rows: List[Dict[str, Any]], label: str = "set", markdown: bool 
     return "\n".join(
         "  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body]
     )
+
+
+def load_or_calibrate(
+    path: PathLike,
+    model: Callable[..., torch.Tensor],
+    diffusion: Any,
+    inputs: Callable[[], Tuple[torch.Tensor, Optional[dict], Sequence[int]]],
+    **options: Any,
+) -> CalibrationResult:
+    """The calibration saved at ``path`` (JSON), or a new one written there.
+
+    ``inputs()`` returns ``(x0, model_kwargs, seeds)`` (only called when calibrating);
+    ``options`` go to :func:`calibrate`. Lets a long job resume without recalibrating.
+    """
+    path = Path(path)
+    if path.exists():
+        return CalibrationResult.from_json(json.loads(path.read_text()))
+    x0, model_kwargs, seeds = inputs()
+    result = calibrate(model, diffusion, x0, seeds=seeds, model_kwargs=model_kwargs, **options)
+    write_json_atomic(path, result.to_json())
+    return result

@@ -27,7 +27,7 @@ import torch
 from evaluations.evaluator import Evaluator, load_feature_net, score_sets
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion import plots
-from guided_diffusion.calibration import CalibrationResult, calibrate
+from guided_diffusion.calibration import CalibrationResult
 from guided_diffusion.cli import bundled_model_args, cli, start_script
 from guided_diffusion.flags import add_flags, flag_defaults
 from guided_diffusion.image_datasets import prepare_fashion_mnist
@@ -44,7 +44,13 @@ from guided_diffusion.sample_util import (
     sampling_model,
 )
 from guided_diffusion.seeding import sample_seeds
-from guided_diffusion.sweep import SampleSet, format_table, grid_path, sample_sets
+from guided_diffusion.sweep import (
+    SampleSet,
+    format_table,
+    grid_path,
+    load_or_calibrate,
+    sample_sets,
+)
 
 NOT_COMPARABLE = (
     "FID/sFID/IS/precision/recall use the features of the project's Fashion-MNIST classifier "
@@ -153,13 +159,14 @@ def main() -> None:
         return x0, kw, sample_seeds(seed, idx)
 
     # 1. calibration: closed-loop eps-norm matching on training images
-    t0, cal_path = time.time(), run_dir / "calibration.json"
-    if cal_path.exists():
-        cal = CalibrationResult.from_json(json.loads(cal_path.read_text()))
-    else:
-        x0, kw, seeds = share(args.calib_samples, args.seed)
-        cal = calibrate(model, base, x0, seeds=seeds, model_kwargs=kw, **CALIBRATION)
-        write_json_atomic(cal_path, cal.to_json())
+    t0 = time.time()
+    cal = load_or_calibrate(
+        run_dir / "calibration.json",
+        model,
+        base,
+        lambda: share(args.calib_samples, args.seed),
+        **CALIBRATION,
+    )
     plots.plot_calibration(out / "calibration.png", cal)
     b_cal, times["calibration"] = round(float(cal.uniform.b), 4), time.time() - t0
     print(f"calibrated: {cal.flags('uniform')} (s.e. {cal.uniform_b_se:.4f})", flush=True)

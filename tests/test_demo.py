@@ -23,6 +23,17 @@ def _fmnist_like(path, n, seed):
     np.savez(path, arr_0=img, arr_1=rng.integers(0, 10, n).astype(np.int64))
 
 
+def _sets(out):
+    """{lambda: images} of the sample sets of the demo run in ``out`` (one settings folder)."""
+    (run,) = list((out / "runs").iterdir())
+    sets = {}
+    for d in run.iterdir():
+        for f in d.glob("samples_*.npz"):
+            with np.load(f) as z:
+                sets[float(d.name)] = (f, z["arr_0"])
+    return run, sets
+
+
 def test_demo_end_to_end(tmp_path):
     assert BUNDLED.exists(), "the bundled model models/adm_fmnist32_ema.pt is part of the repo"
     data = tmp_path / "data"
@@ -30,88 +41,72 @@ def test_demo_end_to_end(tmp_path):
     _fmnist_like(data / "fmnist_train.npz", 64, 0)
     _fmnist_like(data / "fmnist_test.npz", 48, 1)
     out = tmp_path / "demo_out"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "demo.py"),
-        "--out_dir",
-        str(out),
-        "--data_dir",
-        str(data),
-        "--steps",
-        "4",
-        "--lambdas",
-        "0.99,1.0,1.02",
-        "--num_samples",
-        "12",
-        "--calib_samples",
-        "8",
-        "--eb_samples",
-        "8",
-        "--batch_size",
-        "8",
-        "--threads",
-        "1",
-    ]
+    cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out_dir", str(out)]
+    cmd += ["--data_dir", str(data), "--steps", "4", "--lambdas", "0.99,1.0,1.02"]
+    cmd += ["--num_samples", "12", "--calib_samples", "8", "--eb_samples", "8"]
+    cmd += ["--batch_size", "8", "--threads", "1", "--num_boot", "50"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NOT comparable with Inception" in proc.stdout
     r = json.loads((out / "results.json").read_text())
-    assert r["steps"] == 4
-    lams = [row["lambda"] for row in r["sweep"]]
-    assert lams[:3] == [0.99, 1.0, 1.02] and len(lams) == 4  # plus the calibrated b
-    assert r["sweep"][3]["calibrated"] and r["sweep"][3]["lambda"] == round(r["calibrated_b"], 4)
-    assert r["best_lambda"] in (0.99, 1.0, 1.02)
-    best = min(r["sweep"][:3], key=lambda row: row["fid"])
-    assert best["lambda"] == r["best_lambda"]
+    assert r["steps"] == 4 and r["num_samples"] == 12
+    lams = sorted(row["lambda"] for row in r["sweep"] if not row["calibrated"])
+    cal = [row for row in r["sweep"] if row["calibrated"]]
+    assert lams in ([0.99, 1.0, 1.02], [0.99, 1.0, 1.02, r["calibrated_b"]])
+    assert len(cal) == 1 and cal[0]["lambda"] == r["calibrated_b"]
+    base = next(row for row in r["sweep"] if row["lambda"] == 1.0)
+    assert base["diff"] == 0 and base["diff_interval"] == [0, 0]
     for row in r["sweep"]:
-        assert set(row) >= {"lambda", "fid", "inception_score", "precision", "recall"}
-        assert np.isfinite(row["fid"]) and 1.0 <= row["inception_score"] <= 10.0
-    assert set(r["delta_mean"]) == {"1.0", "best"}
-    assert len(r["delta_t"]["1.0"]) == 4 and len(r["eps_norm"]["training"]) == 4
+        assert set(row) >= {"lambda", "fid", "diff", "diff_interval", "precision", "recall"}
+        lo, hi = row["diff_interval"]
+        assert np.isfinite(row["fid"]) and lo <= hi
+        assert row["diff"] == pytest.approx(row["fid"] - base["fid"])
+    best = min((row for row in r["sweep"] if not row["calibrated"]), key=lambda row: row["fid"])
+    e = r["effect"]
+    assert e["best_lambda"] == best["lambda"]
+    assert e["best_beyond_noise"] == (best["diff_interval"][1] < 0)
+    assert e["calibrated_b_above_1"] == (r["calibrated_b"] > 1)
+    assert set(r["eps_norm"]) == {"training", "sampling, lambda 1"} | {
+        f"sampling, lambda {r['calibrated_b']:g}"
+    }
+    assert all(len(v) == 4 for v in r["eps_norm"].values()) and len(r["delta_t"]["lambda 1"]) == 4
     for name in (
         "report.md",
-        "calibration.json",
+        "calibration.png",
         "fid_vs_lambda.png",
         "delta_t.png",
         "eps_norm.png",
         "grids_adm_vs_es.png",
-        "grid_lambda1.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    with np.load(out / "samples_lambda1.npz") as z:
-        assert z["arr_0"].shape == (12, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    run, sets = _sets(out)
+    assert (run / "calibration.json").exists()
+    assert sets[1.0][1].shape == (12, 32, 32, 3) and sets[1.0][1].dtype == np.uint8
     report = (out / "report.md").read_text()
     assert "| 1 |" in report and "NOT comparable" in report
 
-    # resume: a rerun with the same settings reuses the calibration and the sample sets
-    # on disk and redraws only what is missing, with the same seeds
-    with np.load(out / "samples_lambda1.02.npz") as z:
-        first_102 = z["arr_0"]
-    (out / "samples_lambda1.02.npz").unlink()  # "crashed" before this set was written
-    marker = np.zeros((12, 32, 32, 3), np.uint8)
-    np.savez(out / "samples_lambda0.99.npz", arr_0=marker)  # proves the set is reused
-    calib = (out / "calibration.json").read_text()
+    # resume: a rerun with the same settings reuses the calibration and the sample sets on
+    # disk and redraws only what is missing, from the same seeds
+    path, first = sets[1.02]
+    path.unlink()  # "crashed" before this set was written
+    np.savez(sets[0.99][0], arr_0=np.zeros((12, 32, 32, 3), np.uint8))  # proves reuse
+    calib = (run / "calibration.json").read_text()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reusing" in proc.stdout
-    assert (out / "calibration.json").read_text() == calib
-    with np.load(out / "samples_lambda1.02.npz") as z:
-        np.testing.assert_array_equal(z["arr_0"], first_102)
-    with np.load(out / "samples_lambda0.99.npz") as z:
-        np.testing.assert_array_equal(z["arr_0"], marker)
-    r2 = json.loads((out / "results.json").read_text())
-    fid = {row["lambda"]: row["fid"] for row in r2["sweep"]}
-    assert fid[1.02] == pytest.approx({x["lambda"]: x["fid"] for x in r["sweep"]}[1.02])
+    assert (run / "calibration.json").read_text() == calib
+    _, again = _sets(out)
+    np.testing.assert_array_equal(again[1.02][1], first)
+    fid = {
+        row["lambda"]: row["fid"] for row in json.loads((out / "results.json").read_text())["sweep"]
+    }
     assert fid[0.99] > 2 * max(fid[1.0], fid[1.02])  # blank images score far worse
 
-    # other settings: nothing is reused
+    # other settings: a new run folder; the earlier one is kept
     cmd[cmd.index("--num_samples") + 1] = "8"
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "settings changed" in proc.stdout and "reusing" not in proc.stdout
-    with np.load(out / "samples_lambda0.99.npz") as z:
-        assert z["arr_0"].shape[0] == 8 and z["arr_0"].any()
+    assert len(list((out / "runs").iterdir())) == 2 and run.exists()
 
 
 def test_demo_missing_model_is_one_line(tmp_path):
