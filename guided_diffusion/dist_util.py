@@ -26,6 +26,7 @@ import os
 import socket
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -216,6 +217,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_rows(indices: Any, rows: dict) -> dict:
+    """Per-sample rows ``{name: array [n_local, ...]}`` of every process, concatenated and
+    sorted by the global sample ``indices`` (every rank calls this; all get the result)."""
+    parts = all_gather_object((np.asarray(indices), rows))
+    idx = np.concatenate([p[0] for p in parts])
+    order = np.argsort(idx, kind="stable")
+    return {k: np.concatenate([p[1][k] for p in parts], axis=0)[order] for k in rows}
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

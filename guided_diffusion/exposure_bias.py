@@ -49,16 +49,13 @@ dataset; process r of W measures the images j with ``j % W == r`` (``data_share`
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion, ModelMeanType
-from .image_datasets import DataError, list_image_files_recursively, load_data
-from .io_util import PathLike, npz_length, read_csv
 from .seeding import sample_seeds, stream_seed
 
 __all__ = [
@@ -68,14 +65,11 @@ __all__ = [
     "Moments",
     "PassResult",
     "PerSampleNoise",
-    "data_share",
     "delta_curve",
     "each_step_pass",
     "file_rows",
-    "gather_rows",
     "merge_moments",
     "original_timesteps",
-    "read_train_norm",
     "relative_gap",
     "sample_seeds",
     "sampling_pass",
@@ -431,105 +425,6 @@ def file_rows(diffusion: GaussianDiffusion, curves: Dict[str, Any]) -> Dict[str,
     return rows
 
 
-def read_train_norm(path: PathLike, steps: int, what: str = "target curve") -> np.ndarray:
-    """The training curve T (steps,) by step index i from the ``train_norm`` column of an
-    ``eps_norm.csv`` (``file_rows`` order). Raises ``ValueError`` naming ``what`` (e.g. the
-    flag that gave ``path``) when the file does not hold such a column."""
-    need = f"needs a train_norm column with {steps} rows (an eps_norm.csv of the same respacing)"
-    try:
-        table = read_csv(path)
-    except (ValueError, IndexError):
-        raise ValueError(f"{what} {path} is not a CSV of numbers: it {need}") from None
-    if "train_norm" not in table or "step" not in table or len(table["train_norm"]) != steps:
-        raise ValueError(f"{what} {path} {need}")
-    order = np.argsort(table["step"])  # file rows run from the noisiest step; index by i
-    return np.asarray(table["train_norm"], dtype=np.float64)[order]
-
-
-# ----------------------------------------------------------------------------- samples
-
-
-def _count_images(data_dir: str) -> int:
-    """Number of images in an image folder or in the ``arr_0`` of an ``.npz`` file."""
-    if os.path.isdir(data_dir):
-        return len(list_image_files_recursively(data_dir))
-    try:
-        return npz_length(data_dir)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-
-
-def data_share(
-    data_dir: str,
-    num_samples: int,
-    batch_size: Optional[int],
-    *,
-    image_size: int,
-    class_cond: bool,
-    in_channels: int,
-    rank: int,
-    world: int,
-    device: torch.device,
-) -> Iterator[Batch]:
-    """Process ``rank``'s share of the first ``num_samples`` images of ``data_dir``: the global
-    indices j with ``j % world == rank``, in order, in batches of ``batch_size`` as
-    (indices, x0 (n, C, H, W) in [-1, 1] on ``device``, model_kwargs). ``batch_size`` None:
-    the whole share as one batch, empty (n = 0) when there are more processes than samples.
-
-    Validates at call time (not at the first batch): raises ``DataError`` (one line) for a
-    missing or bad ``data_dir`` and for ``num_samples`` larger than the data.
-    """
-    if not data_dir:
-        raise DataError("--data_dir is required: an image folder or an .npz file of x_0")
-    stream = load_data(
-        data_dir=data_dir,
-        batch_size=1,
-        image_size=image_size,
-        class_cond=class_cond,
-        deterministic=True,
-        random_flip=False,
-        num_workers=0,
-        shard=rank,
-        num_shards=world,
-        in_channels=in_channels,
-    )
-    total = _count_images(data_dir)
-    if num_samples > total:
-        raise DataError(f"--num_samples {num_samples} exceeds the {total} images in {data_dir}")
-    mine = np.arange(rank, num_samples, world)
-    if batch_size is None:
-        chunks = [mine]  # one batch, possibly empty
-    else:
-        chunks = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
-    empty = (torch.zeros((0, in_channels, image_size, image_size)), {"y": torch.zeros(0).long()})
-
-    def batches() -> Iterator[Batch]:
-        for idx in chunks:
-            items = [next(stream) for _ in idx] or [empty]
-            x0 = torch.cat([x for x, _ in items]).to(device)
-            kwargs = {}
-            if class_cond:
-                kwargs["y"] = torch.cat([c["y"] for _, c in items]).to(device)
-            yield idx, x0, kwargs
-
-    return batches()
-
-
-def gather_rows(
-    indices: np.ndarray,
-    rows: Dict[str, np.ndarray],
-    all_gather: Callable[[Any], List[Any]],
-) -> Dict[str, np.ndarray]:
-    """Per-sample rows of every process, sorted by global sample index.
-
-    ``all_gather`` returns one object per process (``dist_util.all_gather_object``).
-    """
-    parts = all_gather((np.asarray(indices), rows))
-    idx = np.concatenate([p[0] for p in parts])
-    order = np.argsort(idx, kind="stable")
-    return {k: np.concatenate([p[1][k] for p in parts], axis=0)[order] for k in rows}
-
-
 # ----------------------------------------------------------------------------- moved names
 # The calibration and the figures used to live here. ``calibration`` imports this module,
 # so its names are re-exported on first use (PEP 562) rather than at import time.
@@ -548,7 +443,9 @@ _MOVED = {
         "calibration",
     ),
     **dict.fromkeys(("plot_calibration", "plot_delta", "plot_eps_norm"), "plots"),
-    **dict.fromkeys(("write_csv",), "io_util"),
+    **dict.fromkeys(("write_csv", "read_train_norm"), "io_util"),
+    **dict.fromkeys(("data_share", "count_images"), "image_datasets"),
+    **dict.fromkeys(("gather_rows",), "dist_util"),
 }
 
 

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util
+from .io_util import npz_length
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
 
@@ -160,6 +161,90 @@ def _read_source(data_dir: str, class_cond: bool) -> tuple[Any, list[int] | None
     if class_cond and labels is None:
         raise DataError(f"class_cond needs labels, but {data_dir} has no arr_1")
     return images, (labels.tolist() if class_cond else None)
+
+
+def count_images(data_dir: str) -> int:
+    """Number of images in an image folder or in the ``arr_0`` of an ``.npz`` file."""
+    if os.path.isdir(data_dir):
+        return len(list_image_files_recursively(data_dir))
+    try:
+        return npz_length(data_dir)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def data_share(
+    data_dir: str,
+    num_samples: int,
+    batch_size: Optional[int],
+    *,
+    image_size: int,
+    class_cond: bool,
+    in_channels: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> Iterator[Tuple[np.ndarray, torch.Tensor, dict]]:
+    """Process ``rank``'s share of the first ``num_samples`` images of ``data_dir``: the global
+    indices j with ``j % world == rank``, in order, in batches of ``batch_size`` as
+    (indices, x0 (n, C, H, W) in [-1, 1] on ``device``, model_kwargs). ``batch_size`` None:
+    the whole share as one batch, empty (n = 0) when there are more processes than samples.
+
+    Validates at call time (not at the first batch): raises ``DataError`` (one line) for a
+    missing or bad ``data_dir`` and for ``num_samples`` larger than the data.
+    """
+    if not data_dir:
+        raise DataError("--data_dir is required: an image folder or an .npz file of x_0")
+    stream = load_data(
+        data_dir=data_dir,
+        batch_size=1,
+        image_size=image_size,
+        class_cond=class_cond,
+        deterministic=True,
+        random_flip=False,
+        num_workers=0,
+        shard=rank,
+        num_shards=world,
+        in_channels=in_channels,
+    )
+    total = count_images(data_dir)
+    if num_samples > total:
+        raise DataError(f"--num_samples {num_samples} exceeds the {total} images in {data_dir}")
+    mine = np.arange(rank, num_samples, world)
+    if batch_size is None:
+        chunks = [mine]  # one batch, possibly empty
+    else:
+        chunks = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+    empty = (torch.zeros((0, in_channels, image_size, image_size)), {"y": torch.zeros(0).long()})
+
+    def batches() -> Iterator[Tuple[np.ndarray, torch.Tensor, dict]]:
+        for idx in chunks:
+            items = [next(stream) for _ in idx] or [empty]
+            x0 = torch.cat([x for x, _ in items]).to(device)
+            kwargs = {}
+            if class_cond:
+                kwargs["y"] = torch.cat([c["y"] for _, c in items]).to(device)
+            yield idx, x0, kwargs
+
+    return batches()
+
+
+def script_data_share(
+    args: Any, batch_size: Optional[int], num_samples: Optional[int] = None
+) -> Iterator[Tuple[np.ndarray, torch.Tensor, dict]]:
+    """``data_share`` of a script's flags (``--data_dir``, ``--num_samples``, ``--image_size``,
+    ``--class_cond``, ``--in_channels``) for this process's rank, world and device."""
+    return data_share(
+        args.data_dir,
+        args.num_samples if num_samples is None else num_samples,
+        batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        in_channels=getattr(args, "in_channels", 3),
+        rank=dist_util.get_rank(),
+        world=dist_util.get_world_size(),
+        device=dist_util.dev(),
+    )
 
 
 def read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -174,6 +174,21 @@ def read_csv(path: PathLike) -> Dict[str, np.ndarray]:
     return {name: np.array([float(r[j]) for r in rows[1:]]) for j, name in enumerate(rows[0])}
 
 
+def read_train_norm(path: PathLike, steps: int, what: str = "target curve") -> np.ndarray:
+    """The training curve T (steps,) by step index i from the ``train_norm`` column of an
+    ``eps_norm.csv`` (``file_rows`` order). Raises ``ValueError`` naming ``what`` (e.g. the
+    flag that gave ``path``) when the file does not hold such a column."""
+    need = f"needs a train_norm column with {steps} rows (an eps_norm.csv of the same respacing)"
+    try:
+        table = read_csv(path)
+    except (ValueError, IndexError):
+        raise ValueError(f"{what} {path} is not a CSV of numbers: it {need}") from None
+    if "train_norm" not in table or "step" not in table or len(table["train_norm"]) != steps:
+        raise ValueError(f"{what} {path} {need}")
+    order = np.argsort(table["step"])  # file rows run from the noisiest step; index by i
+    return np.asarray(table["train_norm"], dtype=np.float64)[order]
+
+
 # ----------------------------------------------------------------------------- images
 
 

@@ -29,7 +29,8 @@ from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion.calibration import CalibrationResult, Evaluation, calibrate
 from guided_diffusion.cli import UserError, cli, start_script
-from guided_diffusion.io_util import atomic_write_bytes, save_npz_atomic
+from guided_diffusion.image_datasets import script_data_share
+from guided_diffusion.io_util import atomic_write_bytes, read_train_norm, save_npz_atomic
 from guided_diffusion.plots import plot_calibration
 from guided_diffusion.sample_util import build_diffusion, load_unet
 
@@ -75,18 +76,8 @@ def main() -> None:
     K = diffusion.num_timesteps
     b_range, exclude = fit_ranges(args, K)
     csv = args.train_norm_csv
-    train_norm = eb.read_train_norm(csv, K, "--train_norm_csv") if csv else None
-    share = eb.data_share(
-        args.data_dir,
-        args.num_samples,
-        None,  # one batch: every candidate lambda resamples the whole share
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        in_channels=args.in_channels,
-        rank=dist_util.get_rank(),
-        world=world,
-        device=device,
-    )
+    train_norm = read_train_norm(csv, K, "--train_norm_csv") if csv else None
+    share = script_data_share(args, None)
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     idx, x0, kwargs = next(share)
@@ -117,7 +108,7 @@ def main() -> None:
         max_evals_linear=args.max_evals_linear,
         batch_size=args.batch_size,
         train_norm=train_norm,
-        gather=lambda rows: eb.gather_rows(idx, {"r": rows}, dist_util.all_gather_object)["r"],
+        gather=lambda rows: dist_util.gather_rows(idx, {"r": rows})["r"],
         callback=report,
     )
     dist_util.on_rank0(write_outputs, args, result)

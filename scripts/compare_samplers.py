@@ -17,9 +17,9 @@ from pathlib import Path
 
 from evaluations.evaluator import Evaluator, load_feature_net, score_sets
 from guided_diffusion import dist_util, plots
-from guided_diffusion import exposure_bias as eb
 from guided_diffusion.cli import UserError, cli, start_script
 from guided_diffusion.flags import DIFFUSION_FLAGS, MODEL_FLAGS, add_flags, flag_defaults
+from guided_diffusion.image_datasets import data_share
 from guided_diffusion.io_util import atomic_write_bytes, settings_folder, write_json_atomic
 from guided_diffusion.sample_util import (
     build_diffusion,
@@ -102,7 +102,7 @@ def calibrated_b(args, model, base, out: Path, steps: int, run: dict) -> float:
         raise UserError("--es_scaler 0 calibrates b on training images: pass --data_dir")
 
     def inputs():
-        share = eb.data_share(
+        share = data_share(
             args.data_dir,
             args.calib_samples,
             None,

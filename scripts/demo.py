@@ -30,7 +30,7 @@ from guided_diffusion import plots
 from guided_diffusion.calibration import CalibrationResult
 from guided_diffusion.cli import bundled_model_args, cli, start_script
 from guided_diffusion.flags import add_flags, flag_defaults
-from guided_diffusion.image_datasets import prepare_fashion_mnist
+from guided_diffusion.image_datasets import data_share, prepare_fashion_mnist
 from guided_diffusion.io_util import (
     atomic_write_bytes,
     file_sha256,
@@ -152,9 +152,7 @@ def main() -> None:
     print(f"{m.model_path}: {args.steps} DDPM steps on {device}; writing {out}", flush=True)
 
     def share(n: int, seed: int):  # the first n training images, their labels and seeds
-        share = eb.data_share(
-            str(data["train"]), n, None, **geometry, rank=0, world=1, device=device
-        )
+        share = data_share(str(data["train"]), n, None, **geometry, rank=0, world=1, device=device)
         idx, x0, kw = next(share)
         return x0, kw, sample_seeds(seed, idx)
 

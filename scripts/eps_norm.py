@@ -29,6 +29,7 @@ import numpy as np
 from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion.cli import cli, progress_bar, start_script
+from guided_diffusion.image_datasets import script_data_share
 from guided_diffusion.io_util import save_npz_atomic, write_csv, write_json_atomic
 from guided_diffusion.plots import plot_eps_norm
 from guided_diffusion.sample_util import build_diffusion, load_unet
@@ -47,17 +48,7 @@ def main() -> None:
     args = start_script(create_argparser(), "measure")
     device, world = dist_util.dev(), dist_util.get_world_size()
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
-    batches = eb.data_share(
-        args.data_dir,
-        args.num_samples,
-        args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        in_channels=args.in_channels,
-        rank=dist_util.get_rank(),
-        world=world,
-        device=device,
-    )
+    batches = script_data_share(args, args.batch_size)
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     sampler = "ddim" if args.use_ddim else "ddpm"
@@ -77,7 +68,7 @@ def main() -> None:
         bar.update(min(len(idx) * world, bar.total - bar.n))
     bar.close()
     local = {"train": np.concatenate(train), "raw": np.concatenate(raw)}
-    rows = eb.gather_rows(np.concatenate(index), local, dist_util.all_gather_object)
+    rows = dist_util.gather_rows(np.concatenate(index), local)
     dist_util.on_rank0(write_outputs, args, diffusion, rows["train"], rows["raw"])
     dist_util.cleanup()
 

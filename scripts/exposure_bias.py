@@ -30,6 +30,7 @@ import os
 from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion.cli import UserError, cli, progress_bar, start_script
+from guided_diffusion.image_datasets import script_data_share
 from guided_diffusion.io_util import save_npz_atomic, write_csv, write_json_atomic
 from guided_diffusion.plots import plot_delta
 from guided_diffusion.sample_util import build_diffusion, load_unet
@@ -69,17 +70,7 @@ def main() -> None:
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here
     runs = {"main": diffusion, "compare": comparison(args, diffusion)}
     runs = {name: d for name, d in runs.items() if d is not None}
-    batches = eb.data_share(
-        args.data_dir,
-        args.num_samples,
-        args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        in_channels=args.in_channels,
-        rank=dist_util.get_rank(),
-        world=world,
-        device=device,
-    )
+    batches = script_data_share(args, args.batch_size)
     logger.log(f"loading {args.model_path}")
     model = load_unet(args, device)
     sampler = "ddim" if args.use_ddim else "ddpm"

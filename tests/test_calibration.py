@@ -15,8 +15,7 @@ from test_exposure_bias import DIFF, GaussOracle, gauss_data, linear_c
 
 import guided_diffusion
 from guided_diffusion import calibration as cal
-from guided_diffusion import exposure_bias as eb
-from guided_diffusion.io_util import write_csv
+from guided_diffusion.io_util import read_train_norm, write_csv
 
 from conftest import ROOT
 
@@ -96,12 +95,12 @@ def test_from_json_reads_files_without_the_pass_curves(result):
 def test_read_train_norm(tmp_path):
     order = np.arange(4)[::-1]  # eps_norm.csv rows: the noisiest step first
     write_csv(tmp_path / "n.csv", {"step": order, "t": order * 10, "train_norm": order + 1.5})
-    np.testing.assert_array_equal(eb.read_train_norm(tmp_path / "n.csv", 4), np.arange(4) + 1.5)
+    np.testing.assert_array_equal(read_train_norm(tmp_path / "n.csv", 4), np.arange(4) + 1.5)
     with pytest.raises(ValueError, match="--train_norm_csv .* needs a train_norm column with 5"):
-        eb.read_train_norm(tmp_path / "n.csv", 5, "--train_norm_csv")
+        read_train_norm(tmp_path / "n.csv", 5, "--train_norm_csv")
     (tmp_path / "log.txt").write_text("Logging to /tmp\nloading model\n")
     with pytest.raises(ValueError, match="not a CSV of numbers"):
-        eb.read_train_norm(tmp_path / "log.txt", 4)
+        read_train_norm(tmp_path / "log.txt", 4)
 
 
 @pytest.mark.parametrize("first", ["calibration", "plots", "exposure_bias"])

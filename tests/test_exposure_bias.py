@@ -31,6 +31,7 @@ from PIL import Image
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion.calibration import CalibrationResult, calibrate
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
+from guided_diffusion.image_datasets import data_share
 from guided_diffusion.io_util import read_csv, save_png, write_csv
 from guided_diffusion.plots import plot_fid_curve, side_by_side
 from guided_diffusion.script_util import create_gaussian_diffusion
@@ -539,7 +540,7 @@ def test_comparison_schedule_errors_name_the_comparison_flags(
 def test_data_share_splits_the_first_samples_over_ranks(data):
     def share(rank, world, batch_size, n=5):
         kw = dict(image_size=16, class_cond=True, in_channels=3, device=torch.device("cpu"))
-        return list(eb.data_share(str(data), n, batch_size, rank=rank, world=world, **kw))
+        return list(data_share(str(data), n, batch_size, rank=rank, world=world, **kw))
 
     ((idx, whole, kw),) = share(0, 1, None)  # batch_size None: one batch
     np.testing.assert_array_equal(idx, np.arange(5))
