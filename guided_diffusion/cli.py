@@ -26,6 +26,7 @@ import torch
 from . import dist_util, logger
 from .flags import check_flags
 from .io_util import ensure_output_dir
+from .script_util import model_and_diffusion_defaults
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO_ROOT / "models" / "adm_fmnist32_ema.pt"
@@ -177,8 +178,6 @@ def bundled_model_args(model_path: str = "", **overrides: Any) -> argparse.Names
     """The model and diffusion flags of the bundled model (``models/adm_fmnist32.json``) as
     a namespace for ``sample_util.load_unet``/``build_diffusion``, with ``model_path`` (a
     checkpoint of the same architecture; '' = the bundled weights) and ``overrides``."""
-    from .script_util import model_and_diffusion_defaults
-
     flags = dict(model_and_diffusion_defaults(), **bundled_model_meta()["flags"])
     flags.update(model_path=model_path or str(BUNDLED_MODEL), **overrides)
     if not Path(flags["model_path"]).exists():

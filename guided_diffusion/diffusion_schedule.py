@@ -79,10 +79,15 @@ def eps_scaler_schedule(num_steps: int, b: float = 1.0, k: float = 0.0) -> np.nd
     bad = np.flatnonzero(~(np.isfinite(lam) & (lam > 0)))
     if bad.size:
         i = int(bad[0])
+        if b > 0 and k < 0 and num_steps > 1:
+            bound = -b / (num_steps - 1)
+            hint = f"use --eps_scaler_k > {bound:.4g} for this b, or a larger --eps_scaler"
+        else:
+            hint = "use --eps_scaler b > 0"
         raise ValueError(
-            f"eps scaler lambda_i = k*i + b must be positive at every sampling step, but "
-            f"--eps_scaler {b} --eps_scaler_k {k} gives lambda_{i} = {lam[i]:g} "
-            f"(of {num_steps} steps); use b > 0 (b = 1.0, k = 0.0 is plain ADM)"
+            f"--eps_scaler {b:g} --eps_scaler_k {k:g} gives lambda_{i} = {lam[i]:g} at step {i} "
+            f"of {num_steps}; lambda_i = k*i + b must be positive at every sampling step: {hint} "
+            "(b = 1, k = 0 is plain ADM)"
         )
     return lam
 

@@ -401,6 +401,19 @@ def add_flags(
         parser.add_argument(f"--{name}", **kwargs)
 
 
+def make_parser(
+    doc: str,
+    names: Iterable[str],
+    help: Optional[Mapping[str, str]] = None,
+    **defaults: Any,
+) -> argparse.ArgumentParser:
+    """A script's parser: described by the first line of ``doc`` (its ``__doc__``), with the
+    flags ``names`` of the table; ``defaults`` are the script's own starting values."""
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    add_flags(parser, flag_defaults(list(names), **defaults), help=help)
+    return parser
+
+
 def check_flags(args: argparse.Namespace, warn: bool = True) -> None:
     """Check every parsed flag that is in the table against its range.
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import dist_util, logger
+from .checkpoints import load_checkpoint_into, read_state_dict
 from .cli import (  # noqa: F401 - re-exported: their old home was this module
     BUNDLED_FLAGS,
     BUNDLED_MODEL,
@@ -39,7 +40,9 @@ from .cli import (  # noqa: F401 - re-exported: their old home was this module
     start_script,
 )
 from .flags import COMPILE_MODES, FLAGS, SAMPLING_FLAGS, check_flags, flag_defaults
+from .guidance import classifier_free_guidance
 from .io_util import save_image_grid, save_npz_atomic, write_json_atomic, write_npz_streaming
+from .script_util import create_model, diffusion_from_flags, model_and_diffusion_defaults
 from .seeding import batch_seed, make_generator
 
 # flags that do not change the samples: a rerun in the same --log_dir may change them
@@ -387,20 +390,7 @@ def _first_images(shard_dir: Path, num_batches: int, n: int) -> Iterator[np.ndar
 
 def build_diffusion(args: argparse.Namespace):
     """The sampling diffusion from the flags (validates respacing and the lambda schedule)."""
-    from .script_util import create_gaussian_diffusion
-
-    return create_gaussian_diffusion(
-        steps=args.diffusion_steps,
-        learn_sigma=args.learn_sigma,
-        noise_schedule=args.noise_schedule,
-        use_kl=args.use_kl,
-        predict_xstart=args.predict_xstart,
-        rescale_timesteps=args.rescale_timesteps,
-        rescale_learned_sigmas=args.rescale_learned_sigmas,
-        timestep_respacing=args.timestep_respacing,
-        eps_scaler=args.eps_scaler,
-        eps_scaler_k=args.eps_scaler_k,
-    )
+    return diffusion_from_flags(vars(args))
 
 
 def load_unet(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -412,9 +402,6 @@ def load_unet(args: argparse.Namespace, device: torch.device) -> torch.nn.Module
     with the null class of classifier-free guidance (``num_classes + 1`` label rows) loads
     without ``--class_dropout_prob``.
     """
-    from .checkpoints import load_checkpoint_into, read_state_dict
-    from .script_util import create_model, model_and_diffusion_defaults
-
     flags = {k: getattr(args, k) for k in model_and_diffusion_defaults() if hasattr(args, k)}
     state = read_state_dict(args.model_path)
     label = state.get("label_emb.weight")
@@ -463,8 +450,6 @@ def sampling_model(
             "--class_dropout_prob > 0 (it has a null class); this checkpoint has none: use "
             "--guidance_scale 1.0"
         )
-    from .guidance import classifier_free_guidance
-
     return classifier_free_guidance(model, scale, null_class=unet.num_classes)
 
 

@@ -8,7 +8,7 @@ choices, ranges) live in one table, ``flags.FLAGS``.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -106,6 +106,74 @@ def attention_ds(attention_resolutions: str, image_size: int) -> Tuple[int, ...]
     return tuple(image_size // r for r in resolutions)
 
 
+# the keyword arguments of create_model / sr_create_model besides the size and multipliers
+_UNET_KWARGS = tuple(
+    "num_channels num_res_blocks learn_sigma class_cond use_checkpoint attention_resolutions "
+    "num_heads num_head_channels num_heads_upsample use_scale_shift_norm dropout "
+    "resblock_updown use_fp16 use_new_attention_order num_classes use_bf16 in_channels "
+    "class_dropout_prob".split()
+)
+# create_gaussian_diffusion's arguments and the flags they come from
+_DIFFUSION_ARGS = dict(
+    steps="diffusion_steps",
+    learn_sigma="learn_sigma",
+    noise_schedule="noise_schedule",
+    use_kl="use_kl",
+    predict_xstart="predict_xstart",
+    rescale_timesteps="rescale_timesteps",
+    rescale_learned_sigmas="rescale_learned_sigmas",
+    timestep_respacing="timestep_respacing",
+    eps_scaler="eps_scaler",
+    eps_scaler_k="eps_scaler_k",
+)
+
+
+def diffusion_from_flags(flags: Mapping[str, Any]) -> SpacedDiffusion:
+    """``create_gaussian_diffusion`` from the diffusion flags in ``flags`` (a dict or
+    ``vars(args)``; missing ones take their defaults)."""
+    return create_gaussian_diffusion(
+        **{arg: flags[name] for arg, name in _DIFFUSION_ARGS.items() if name in flags}
+    )
+
+
+def _unet(
+    cls: type,
+    image_size: int,
+    channel_mult: Sequence[float],
+    *,
+    num_channels: int,
+    learn_sigma: bool,
+    class_cond: bool,
+    attention_resolutions: str,
+    num_classes: int,
+    use_fp16: bool,
+    use_bf16: bool,
+    in_channels: int,
+    class_dropout_prob: float,
+    null_class: Optional[bool],
+    **kwargs: Any,
+):
+    """A UNet of class ``cls`` (``UNetModel`` or ``SuperResModel``) from the flags."""
+    if use_fp16 and use_bf16:
+        raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
+    check_class_dropout(class_dropout_prob, class_cond)
+    model = cls(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        attention_resolutions=attention_ds(attention_resolutions, image_size),
+        channel_mult=channel_mult,
+        num_classes=(num_classes if class_cond else None),
+        use_fp16=use_fp16,
+        null_class=class_dropout_prob > 0 if null_class is None else null_class,
+        **kwargs,
+    )
+    if use_bf16:
+        model.convert_to_fp16(torch.bfloat16)
+    return model
+
+
 def create_model_and_diffusion(
     image_size,
     class_cond,
@@ -138,41 +206,9 @@ def create_model_and_diffusion(
     class_dropout_prob=0.0,
 ):
     """Build the UNet and its (respaced) diffusion from the flags."""
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        channel_mult=channel_mult,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-        num_classes=num_classes,
-        use_bf16=use_bf16,
-        in_channels=in_channels,
-        class_dropout_prob=class_dropout_prob,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-        eps_scaler=eps_scaler,
-        eps_scaler_k=eps_scaler_k,
-    )
-    return model, diffusion
+    flags = dict(locals())
+    model = create_model(**{k: flags[k] for k in _UNET_KWARGS + ("image_size", "channel_mult")})
+    return model, diffusion_from_flags(flags)
 
 
 def create_model(
@@ -204,35 +240,9 @@ def create_model(
     ``null_class`` adds the "no label" row of classifier-free guidance to the label
     embedding (default: when ``class_dropout_prob > 0``).
     """
-    if use_fp16 and use_bf16:
-        raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
-    check_class_dropout(class_dropout_prob, class_cond)
-    if null_class is None:
-        null_class = class_dropout_prob > 0
-    model = UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=in_channels * (2 if learn_sigma else 1),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds(attention_resolutions, image_size),
-        dropout=dropout,
-        channel_mult=resolve_channel_mult(channel_mult, image_size),
-        num_classes=(num_classes if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
-        attention_impl=attention_impl,
-        null_class=null_class,
-    )
-    if use_bf16:
-        model.convert_to_fp16(torch.bfloat16)
-    return model
+    mult = resolve_channel_mult(channel_mult, image_size)
+    kw = {k: v for k, v in locals().items() if k not in ("image_size", "channel_mult", "mult")}
+    return _unet(UNetModel, image_size, mult, **kw)
 
 
 def check_class_dropout(class_dropout_prob: float, class_cond: bool) -> None:
@@ -266,31 +276,9 @@ def create_classifier_and_diffusion(
     num_classes=NUM_CLASSES,
 ):
     """Build the noisy-image classifier and the diffusion it is trained with."""
-    classifier = create_classifier(
-        image_size,
-        classifier_use_fp16,
-        classifier_width,
-        classifier_depth,
-        classifier_attention_resolutions,
-        classifier_use_scale_shift_norm,
-        classifier_resblock_updown,
-        classifier_pool,
-        classifier_channel_mult=classifier_channel_mult,
-        num_classes=num_classes,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-        eps_scaler=eps_scaler,
-        eps_scaler_k=eps_scaler_k,
-    )
-    return classifier, diffusion
+    flags = dict(locals())
+    keys = [k for k in classifier_defaults() if k in flags] + ["num_classes"]
+    return create_classifier(**{k: flags[k] for k in keys}), diffusion_from_flags(flags)
 
 
 def create_classifier(
@@ -358,41 +346,9 @@ def sr_create_model_and_diffusion(
     class_dropout_prob=0.0,
 ):
     """Build the super-resolution UNet (small_size -> large_size) and its diffusion."""
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-        num_classes=num_classes,
-        use_bf16=use_bf16,
-        in_channels=in_channels,
-        class_dropout_prob=class_dropout_prob,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-        eps_scaler=eps_scaler,
-        eps_scaler_k=eps_scaler_k,
-    )
-    return model, diffusion
+    flags = dict(locals())
+    keys = _UNET_KWARGS + ("large_size", "small_size")
+    return sr_create_model(**{k: flags[k] for k in keys}), diffusion_from_flags(flags)
 
 
 def sr_create_model(
@@ -420,33 +376,9 @@ def sr_create_model(
 ) -> SuperResModel:
     """Build the super-resolution UNet from the flags."""
     del small_size  # the low-resolution input is upsampled to large_size inside the model
-    if use_fp16 and use_bf16:
-        raise ValueError("use_fp16 and use_bf16 are exclusive: pick one half precision")
-    check_class_dropout(class_dropout_prob, class_cond)
-    model = SuperResModel(
-        image_size=large_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=in_channels * (2 if learn_sigma else 1),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds(attention_resolutions, large_size),
-        dropout=dropout,
-        channel_mult=resolve_channel_mult("", large_size, SR_CHANNEL_MULT),
-        num_classes=(num_classes if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-        attention_impl=attention_impl,
-        null_class=class_dropout_prob > 0,
-    )
-    if use_bf16:
-        model.convert_to_fp16(torch.bfloat16)
-    return model
+    mult = resolve_channel_mult("", large_size, SR_CHANNEL_MULT)
+    kw = {k: v for k, v in locals().items() if k not in ("large_size", "mult")}
+    return _unet(SuperResModel, large_size, mult, null_class=None, **kw)
 
 
 def create_gaussian_diffusion(
@@ -493,14 +425,8 @@ def create_gaussian_diffusion(
     )
 
 
-def add_dict_to_argparser(
-    parser: argparse.ArgumentParser,
-    default_dict: Dict[str, Any],
-    help: Optional[Dict[str, str]] = None,
-    choices: Optional[Dict[str, Sequence[str]]] = None,
-) -> None:
-    """Add one ``--key`` flag per entry (guided-diffusion's API; see ``flags.add_flags``)."""
-    add_flags(parser, default_dict, help=help, choices=choices)
+# guided-diffusion's name for flags.add_flags (same arguments: parser, default_dict)
+add_dict_to_argparser = add_flags
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:

@@ -38,10 +38,8 @@ FIT_FLAGS = ["exclude_steps", "b_range", "tol", "max_evals", "max_evals_linear",
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = flags.MEASUREMENT_FLAGS + FIT_FLAGS + flags.MODEL_FLAGS + flags.DIFFUSION_FLAGS
-    flags.add_flags(parser, flags.flag_defaults(names, num_samples=128, batch_size=128))
-    return parser
+    return flags.make_parser(__doc__, names, num_samples=128, batch_size=128)
 
 
 def fit_ranges(args, steps: int):

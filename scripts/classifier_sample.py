@@ -19,8 +19,7 @@ from guided_diffusion.flags import (
     DIFFUSION_FLAGS,
     MODEL_FLAGS,
     SAMPLING_FLAGS,
-    add_flags,
-    flag_defaults,
+    make_parser,
 )
 from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.sample_util import (
@@ -42,9 +41,7 @@ HELP = dict(
 def create_argparser() -> argparse.ArgumentParser:
     names = SAMPLING_FLAGS + ["classifier_path", "classifier_scale"] + MODEL_FLAGS
     names += DIFFUSION_FLAGS + [n for n in CLASSIFIER_FLAGS if n != "image_size"]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_flags(parser, flag_defaults(names), help=HELP)
-    return parser
+    return make_parser(__doc__, names, help=HELP)
 
 
 def load_classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

@@ -21,8 +21,7 @@ from guided_diffusion.flags import (
     CLASSIFIER_TRAIN_FLAGS,
     DIFFUSION_FLAGS,
     GROUP_DEFAULTS,
-    add_flags,
-    flag_defaults,
+    make_parser,
 )
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import args_to_dict, create_classifier_and_diffusion
@@ -35,10 +34,8 @@ from guided_diffusion.train_util import (
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = CLASSIFIER_TRAIN_FLAGS + CLASSIFIER_FLAGS + DIFFUSION_FLAGS + ["num_classes"]
-    add_flags(parser, flag_defaults(names, **GROUP_DEFAULTS["classifier_train"]))
-    return parser
+    return make_parser(__doc__, names, **GROUP_DEFAULTS["classifier_train"])
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from evaluations.evaluator import Evaluator, load_feature_net, score_sets
 from guided_diffusion import dist_util, plots
 from guided_diffusion.cli import UserError, cli, start_script
-from guided_diffusion.flags import DIFFUSION_FLAGS, MODEL_FLAGS, add_flags, flag_defaults
+from guided_diffusion.flags import DIFFUSION_FLAGS, MODEL_FLAGS, make_parser
 from guided_diffusion.image_datasets import data_share
 from guided_diffusion.io_util import atomic_write_bytes, settings_folder, write_json_atomic
 from guided_diffusion.sample_util import (
@@ -38,15 +38,13 @@ from guided_diffusion.sweep import (
 
 NAMES = "ref_batch feature_net data_dir steps_list methods es_scaler calib_samples num_samples "
 NAMES += "batch_size seed num_boot out_dir ts_cutoff ts_window model_path channels_last progress"
+OUT_DIR = "runs/compare_samplers"
 RUN = ("model_path", "num_samples", "batch_size", "seed", "ts_cutoff", "ts_window")
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    defaults = flag_defaults(NAMES.split(), num_samples=1000, batch_size=125)
-    add_flags(parser, dict(defaults, out_dir="runs/compare_samplers"))
-    add_flags(parser, flag_defaults(MODEL_FLAGS + DIFFUSION_FLAGS))
-    return parser
+    names = NAMES.split() + MODEL_FLAGS + DIFFUSION_FLAGS
+    return make_parser(__doc__, names, num_samples=1000, batch_size=125, out_dir=OUT_DIR)
 
 
 def main() -> None:

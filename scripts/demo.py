@@ -29,7 +29,7 @@ from guided_diffusion import exposure_bias as eb
 from guided_diffusion import plots
 from guided_diffusion.calibration import CalibrationResult
 from guided_diffusion.cli import bundled_model_args, cli, start_script
-from guided_diffusion.flags import add_flags, flag_defaults
+from guided_diffusion.flags import make_parser
 from guided_diffusion.image_datasets import data_share, prepare_fashion_mnist
 from guided_diffusion.io_util import (
     atomic_write_bytes,
@@ -59,23 +59,18 @@ NOT_COMPARABLE = (
 )
 CALIBRATION = dict(batch_size=128, max_evals=6, max_evals_linear=4)
 SETTINGS = ("steps", "num_samples", "batch_size", "seed", "calib_samples", "use_bf16")
+DEFAULTS = dict(data_dir="data/fmnist", num_samples=500, batch_size=125, use_bf16=True)
+HELP = dict(
+    data_dir="folder of fmnist_{train,test}.npz (made by datasets/fashion_mnist.py when missing)",
+    model_path="checkpoint with the bundled model's architecture ('' = the bundled model)",
+    use_bf16="bfloat16 autocast on CPUs with fast bf16",
+)
 NAMES = "out_dir data_dir fmnist_source model_path steps lambdas num_samples calib_samples "
 NAMES += "eb_samples batch_size seed threads num_boot use_bf16"
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    defaults = flag_defaults(
-        NAMES.split(), data_dir="data/fmnist", num_samples=500, batch_size=125, use_bf16=True
-    )
-    help = dict(
-        data_dir="folder of fmnist_{train,test}.npz (made by datasets/fashion_mnist.py "
-        "when missing)",
-        model_path="checkpoint with the bundled model's architecture ('' = the bundled model)",
-        use_bf16="bfloat16 autocast on CPUs with fast bf16",
-    )
-    add_flags(parser, defaults, help=help)
-    return parser
+    return make_parser(__doc__, NAMES.split(), help=HELP, **DEFAULTS)
 
 
 REPORT = """# ADM-ES demo: Epsilon Scaling on the bundled Fashion-MNIST model

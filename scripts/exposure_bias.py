@@ -39,10 +39,8 @@ RUN_FLAGS = ["mode", "compare_eps_scaler", "compare_eps_scaler_k"]
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = flags.MEASUREMENT_FLAGS + RUN_FLAGS + flags.MODEL_FLAGS + flags.DIFFUSION_FLAGS
-    flags.add_flags(parser, flags.flag_defaults(names, num_samples=512, batch_size=64))
-    return parser
+    return flags.make_parser(__doc__, names, num_samples=512, batch_size=64)
 
 
 def comparison(args, main):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli import UserError, cli, resolve_precision, start_script
-from guided_diffusion.flags import DIFFUSION_FLAGS, FLAGS, MODEL_FLAGS, add_flags, flag_defaults
+from guided_diffusion.flags import DIFFUSION_FLAGS, FLAGS, MODEL_FLAGS, make_parser
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.io_util import save_npz_atomic
 from guided_diffusion.likelihood import run_bpd_evaluation
@@ -33,10 +33,8 @@ HELP = {
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = NLL_FLAGS + MODEL_FLAGS + DIFFUSION_FLAGS
-    add_flags(parser, flag_defaults(names, num_samples=1000, batch_size=1), help=HELP)
-    return parser
+    return make_parser(__doc__, names, help=HELP, num_samples=1000, batch_size=1)
 
 
 def main() -> None:

@@ -17,8 +17,7 @@ from guided_diffusion.flags import (
     DIFFUSION_FLAGS,
     MODEL_FLAGS,
     SAMPLING_FLAGS,
-    add_flags,
-    flag_defaults,
+    make_parser,
 )
 from guided_diffusion.sample_util import (
     SamplingOptions,
@@ -31,9 +30,7 @@ from guided_diffusion.sample_util import (
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_flags(parser, flag_defaults(SAMPLING_FLAGS + MODEL_FLAGS + DIFFUSION_FLAGS))
-    return parser
+    return make_parser(__doc__, SAMPLING_FLAGS + MODEL_FLAGS + DIFFUSION_FLAGS)
 
 
 def main() -> None:

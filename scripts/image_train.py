@@ -20,18 +20,15 @@ from guided_diffusion.flags import (
     GROUP_DEFAULTS,
     MODEL_FLAGS,
     TRAIN_FLAGS,
-    add_flags,
-    flag_defaults,
+    make_parser,
 )
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion
 from guided_diffusion.train_util import TrainLoop, prepare_run, run_training, training_data
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = TRAIN_FLAGS + MODEL_FLAGS + DIFFUSION_FLAGS
-    add_flags(parser, flag_defaults(names, **GROUP_DEFAULTS["train"]))
-    return parser
+    return make_parser(__doc__, names, **GROUP_DEFAULTS["train"])
 
 
 def main() -> None:

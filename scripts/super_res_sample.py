@@ -19,7 +19,7 @@ import torch
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_checkpoint_into, read_state_dict
 from guided_diffusion.cli import UserError, cli, start_script
-from guided_diffusion.flags import SAMPLING_FLAGS, add_flags, flag_defaults
+from guided_diffusion.flags import SAMPLING_FLAGS, make_parser
 from guided_diffusion.image_datasets import read_npz
 from guided_diffusion.sample_util import (
     SamplingOptions,
@@ -39,10 +39,8 @@ REQUIRED = {
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = [n for n in SAMPLING_FLAGS if n != "guidance_scale"] + ["base_samples"]
-    add_flags(parser, {**flag_defaults(names), **sr_model_and_diffusion_defaults()})
-    return parser
+    return make_parser(__doc__, names + list(sr_model_and_diffusion_defaults()))
 
 
 def read_base_samples(path: str, small_size: int, class_cond: bool):

@@ -14,7 +14,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli import UserError, cli, start_script
-from guided_diffusion.flags import add_flags
+from guided_diffusion.flags import GROUP_DEFAULTS, make_parser
 from guided_diffusion.script_util import (
     args_to_dict,
     sr_create_model_and_diffusion,
@@ -31,9 +31,8 @@ from guided_diffusion.train_util import (
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_flags(parser, {**image_train_defaults(), **sr_model_and_diffusion_defaults()})
-    return parser
+    names = list(image_train_defaults()) + list(sr_model_and_diffusion_defaults())
+    return make_parser(__doc__, names, **GROUP_DEFAULTS["train"])
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluations.fmnist_net import FEATURE_DIM, SPATIAL_DIM, FMNISTNet  # noqa: E402
+from guided_diffusion.cli import UserError, cli  # noqa: E402
+from guided_diffusion.flags import make_parser  # noqa: E402
 
 
 def load_npz(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,32 +74,27 @@ def evaluate(model: FMNISTNet, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    """Flags of the training script; every flag has help text."""
-    p = argparse.ArgumentParser(description="Train the Fashion-MNIST feature network.")
-    p.add_argument(
-        "--train_npz", required=True, help="fmnist_train.npz (arr_0 images, arr_1 labels)"
+    """Flags of the training script (the table's, with this script's defaults)."""
+    names = "train_npz test_npz out epochs batch_size lr weight_decay seed threads".split()
+    help = dict(lr="peak learning rate (one-cycle SGD)", weight_decay="SGD weight decay")
+    return make_parser(
+        __doc__,
+        names,
+        help=help,
+        out="models/fmnist_classifier.pt",
+        batch_size=128,
+        lr=0.1,
+        weight_decay=5e-4,
+        threads=2,
     )
-    p.add_argument("--test_npz", required=True, help="fmnist_test.npz, for the reported accuracy")
-    p.add_argument(
-        "--out",
-        default="models/fmnist_classifier.pt",
-        help="output state dict (.pt); the JSON card is written beside it with suffix .json",
-    )
-    p.add_argument("--epochs", type=int, default=4, help="passes over the training split")
-    p.add_argument("--batch_size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (one-cycle SGD)")
-    p.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of initialisation, order, augmentation"
-    )
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return p
 
 
 def main() -> None:
     """Train, report test accuracy after every epoch, save weights and the JSON card."""
     args = create_argparser().parse_args()
-    torch.set_num_threads(args.threads)
+    if not (args.train_npz and args.test_npz):
+        raise UserError("--train_npz and --test_npz are required")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(args.seed)
@@ -162,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -298,7 +298,10 @@ def _error(proc):
     "extra,match",
     [
         (["--eps_scaler", "0"], "must be positive"),
-        (["--eps_scaler", "1.0", "--eps_scaler_k", "-0.5"], "lambda_2"),
+        (
+            ["--eps_scaler", "1.0", "--eps_scaler_k", "-0.5"],
+            r"lambda_2 = 0 .*--eps_scaler_k > -0\.1111",
+        ),
         (["--num_samples", "0"], "--num_samples must be positive"),
         (["--timestep_respacing", "ddim7x"], "invalid timestep_respacing"),
         (["--timestep_respacing", "2000"], "cannot take 2000 steps"),
