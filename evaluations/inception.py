@@ -357,14 +357,6 @@ def state_dict_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_weights(dest: Path, url: str = WEIGHTS_URL, timeout: float = 60.0) -> Path:
     """Download the ported weights to ``dest`` (``io_util.atomic_write``: the file appears
     only once complete and its sha256 prefix checked; the cache folder is created)."""

@@ -336,6 +336,36 @@ def sample_images(
     )
 
 
+def sample_from_args(
+    model: Callable[..., torch.Tensor],
+    diffusion,
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    cond_fn=None,
+    draw_labels: Optional[bool] = None,
+) -> Optional[Path]:
+    """``sample_images`` with a sampling script's flags: ``--log_dir``, ``--num_samples``,
+    ``--batch_size``, ``--seed``, ``--progress``, the sampler options and the image shape;
+    labels are drawn when ``--class_cond`` (or ``draw_labels``, e.g. for a classifier)."""
+    labels = args.class_cond if draw_labels is None else draw_labels
+    return sample_images(
+        model,
+        diffusion,
+        log_dir=args.log_dir,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        shape=(args.in_channels, args.image_size, args.image_size),
+        seed=args.seed,
+        device=device,
+        options=SamplingOptions.from_args(args),
+        num_classes=args.num_classes if labels else None,
+        cond_fn=cond_fn,
+        flags=vars(args),
+        progress=args.progress,
+    )
+
+
 def _iter_shards(shard_dir: Path, num_batches: int, key: str) -> Iterator[np.ndarray]:
     for j in range(num_batches):
         with np.load(_shard_path(shard_dir, j)) as z:
@@ -451,6 +481,15 @@ def sampling_model(
             "--guidance_scale 1.0"
         )
     return classifier_free_guidance(model, scale, null_class=unet.num_classes)
+
+
+def load_sampling_model(
+    args: argparse.Namespace, device: torch.device
+) -> Tuple[Callable[..., torch.Tensor], torch.nn.Module]:
+    """``(what the sampler calls, the UNet)`` for the flags: ``load_unet``, then the fast path
+    (``optimize_for_sampling``) and classifier-free guidance (``sampling_model``)."""
+    unet = load_unet(args, device)
+    return sampling_model(optimize_for_sampling(unet, args, device), unet, args), unet
 
 
 def optimize_for_sampling(model: torch.nn.Module, args: argparse.Namespace, device: torch.device):

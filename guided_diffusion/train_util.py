@@ -67,7 +67,14 @@ def get_blob_logdir() -> str:
 
 
 def training_data(args: argparse.Namespace, image_size: int, **kwargs: Any) -> Iterator[Batch]:
-    """The training stream of the flags (``load_data``), positioned at the resumed step."""
+    """The training stream of the flags (``load_data``), positioned at the resumed step.
+
+    ``--class_cond``, ``--in_channels`` and ``--random_flip`` come from ``args`` where it
+    has them; ``kwargs`` override them and pass anything else on to ``load_data``.
+    """
+    for name in ("class_cond", "in_channels", "random_flip"):
+        if hasattr(args, name):
+            kwargs.setdefault(name, getattr(args, name))
     return load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,

@@ -25,10 +25,8 @@ from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.sample_util import (
     SamplingOptions,
     build_diffusion,
-    load_unet,
-    optimize_for_sampling,
-    sample_images,
-    sampling_model,
+    load_sampling_model,
+    sample_from_args,
 )
 from guided_diffusion.script_util import args_to_dict, classifier_defaults, create_classifier
 
@@ -71,30 +69,15 @@ def main() -> None:
     args = start_script(parser, "sample")
     device = dist_util.dev()
     diffusion = build_diffusion(args)
-    options = SamplingOptions.from_args(args)
+    SamplingOptions.from_args(args)  # a --use_ddim/--sampler conflict fails here
     cond_fn = classifier_cond_fn(load_classifier(args, device), args.classifier_scale)
     logger.log(f"loading {args.model_path} and {args.classifier_path}")
-    unet = load_unet(args, device)
-    model = sampling_model(optimize_for_sampling(unet, args, device), unet, args)
+    model, _ = load_sampling_model(args, device)
 
     def model_fn(x, t, y=None):
         return model(x, t, y=y if args.class_cond else None)
 
-    sample_images(
-        model_fn,
-        diffusion,
-        log_dir=args.log_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        shape=(args.in_channels, args.image_size, args.image_size),
-        seed=args.seed,
-        device=device,
-        options=options,
-        num_classes=args.num_classes,
-        cond_fn=cond_fn,
-        flags=vars(args),
-        progress=args.progress,
-    )
+    sample_from_args(model_fn, diffusion, args, device, cond_fn=cond_fn, draw_labels=True)
     dist_util.cleanup()
 
 

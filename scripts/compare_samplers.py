@@ -21,12 +21,7 @@ from guided_diffusion.cli import UserError, cli, start_script
 from guided_diffusion.flags import DIFFUSION_FLAGS, MODEL_FLAGS, make_parser
 from guided_diffusion.image_datasets import data_share
 from guided_diffusion.io_util import atomic_write_bytes, settings_folder, write_json_atomic
-from guided_diffusion.sample_util import (
-    build_diffusion,
-    load_unet,
-    optimize_for_sampling,
-    sampling_model,
-)
+from guided_diffusion.sample_util import build_diffusion, load_sampling_model
 from guided_diffusion.seeding import sample_seeds
 from guided_diffusion.sweep import (
     METHODS,
@@ -53,8 +48,7 @@ def main() -> None:
     if dist_util.get_world_size() > 1 or not args.ref_batch or "adm" not in methods:
         raise UserError("compare_samplers.py runs as one process and needs --ref_batch and adm")
     device, out = dist_util.dev(), Path(args.out_dir)
-    unet = load_unet(args, device)
-    model = sampling_model(optimize_for_sampling(unet, args, device), unet, args)
+    model, _ = load_sampling_model(args, device)
     ev = Evaluator(load_feature_net(args.feature_net, device=str(device)), device=str(device))
     ref = ev.read_reference(args.ref_batch)
     run = {k: getattr(args, k) for k in RUN}

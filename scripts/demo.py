@@ -37,12 +37,7 @@ from guided_diffusion.io_util import (
     settings_folder,
     write_json_atomic,
 )
-from guided_diffusion.sample_util import (
-    build_diffusion,
-    load_unet,
-    optimize_for_sampling,
-    sampling_model,
-)
+from guided_diffusion.sample_util import build_diffusion, load_sampling_model
 from guided_diffusion.seeding import sample_seeds
 from guided_diffusion.sweep import (
     SampleSet,
@@ -138,8 +133,7 @@ def main() -> None:
     data = prepare_fashion_mnist(args.data_dir, args.fmnist_source)
     bf16 = args.use_bf16 and device.type == "cpu"
     m = bundled_model_args(args.model_path, timestep_respacing=str(args.steps), use_bf16=bf16)
-    unet = load_unet(m, device)
-    model = sampling_model(optimize_for_sampling(unet, m, device), unet, m)
+    model, _ = load_sampling_model(m, device)
     base = build_diffusion(m)
     settings = dict({k: getattr(args, k) for k in SETTINGS}, model=file_sha256(m.model_path))
     run_dir = settings_folder(out, settings)  # a rerun with these settings resumes from here

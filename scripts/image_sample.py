@@ -13,19 +13,12 @@ import argparse
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli import cli, start_script
-from guided_diffusion.flags import (
-    DIFFUSION_FLAGS,
-    MODEL_FLAGS,
-    SAMPLING_FLAGS,
-    make_parser,
-)
+from guided_diffusion.flags import DIFFUSION_FLAGS, MODEL_FLAGS, SAMPLING_FLAGS, make_parser
 from guided_diffusion.sample_util import (
     SamplingOptions,
     build_diffusion,
-    load_unet,
-    optimize_for_sampling,
-    sample_images,
-    sampling_model,
+    load_sampling_model,
+    sample_from_args,
 )
 
 
@@ -39,28 +32,14 @@ def main() -> None:
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
     options = SamplingOptions.from_args(args)
     logger.log(f"loading {args.model_path}")
-    unet = load_unet(args, device)
-    model = sampling_model(optimize_for_sampling(unet, args, device), unet, args)
+    model, _ = load_sampling_model(args, device)
     logger.log(
         f"sampling {args.num_samples} images: {diffusion.num_timesteps} steps "
         f"({options.describe()}), lambda_i = {args.eps_scaler_k} * i + {args.eps_scaler}, "
         f"{dist_util.get_world_size()} process(es) on {device}"
     )
 
-    sample_images(
-        model,
-        diffusion,
-        log_dir=args.log_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        shape=(args.in_channels, args.image_size, args.image_size),
-        seed=args.seed,
-        device=device,
-        options=options,
-        num_classes=args.num_classes if args.class_cond else None,
-        flags=vars(args),
-        progress=args.progress,
-    )
+    sample_from_args(model, diffusion, args, device)
     dist_util.cleanup()
 
 

@@ -44,13 +44,7 @@ def main() -> None:
     model.to(dist_util.dev())
 
     logger.log("creating data loader...")
-    data = training_data(
-        args,
-        args.image_size,
-        class_cond=args.class_cond,
-        in_channels=args.in_channels,
-        random_flip=args.random_flip,
-    )
+    data = training_data(args, args.image_size)
     run_training(TrainLoop.from_args(args, model, diffusion, data), args)
 
 
