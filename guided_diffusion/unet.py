@@ -178,7 +178,25 @@ class ResBlock(TimestepBlock):
             h = out_rest(out_norm(h) * (1 + scale) + shift)
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        return _pointwise(self.skip_connection, x) + h
+
+
+def _pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a 1x1 convolution of a channels-last map as a matmul over its channels.
+
+    A channels-last (N, C, H, W) tensor is an (N, H, W, C) array in memory, so the matmul
+    reads and writes it in place, where torch's small-batch 1x1 convolution path would copy
+    it to the contiguous layout and back (measured 4% of a 64x64 UNet pass at batch 1).
+    """
+    if (
+        isinstance(layer, nn.Conv2d)
+        and layer.kernel_size == (1, 1)
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        out = F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias)  # (N, H, W, C')
+        return out.permute(0, 3, 1, 2)
+    return layer(x)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
@@ -316,9 +334,10 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)  # (N, C, T)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x.reshape(b, c, -1)))))  # (N, C, T)
+        # the residual in x's own memory layout: a channels-last map stays channels-last
+        # (the sum of the flattened views loses it at batch 1, and GroupNorm then copies)
+        return x + h.reshape(b, c, *spatial)
 
 
 class AttentionPool2d(nn.Module):

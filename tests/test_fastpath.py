@@ -96,6 +96,26 @@ def test_bf16_path_within_tolerance(golden_model, forward_inputs, diffusion_npz)
     assert _rel_err(sample, want) < BF16_SAMPLE_TOL
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_last_survives_every_layer(golden_model, batch):
+    """No layer hands a channels-last map on in another layout (each flip costs copies; at
+    batch 1 the attention residual used to lose the layout and GroupNorm then copied)."""
+    model = copy.deepcopy(golden_model)
+    fast = optimize_for_sampling(model, device=CPU)
+    flipped = []
+
+    def check(module, inputs, out):
+        if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
+            if not out.is_contiguous(memory_format=torch.channels_last):
+                flipped.append(type(module).__name__)
+
+    for m in model.modules():
+        m.register_forward_hook(check)
+    with torch.inference_mode():
+        fast(torch.randn(batch, 3, 16, 16), torch.full((batch,), 10))
+    assert flipped == []
+
+
 def test_fast_path_keeps_the_checkpoint_keys(golden_model):
     keys = list(golden_model.state_dict())
     model = copy.deepcopy(golden_model)
