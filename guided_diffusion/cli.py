@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 
 from . import dist_util, logger
+from .fast_path import cpu_supports_fast_bf16
 from .flags import check_flags
 from .io_util import ensure_output_dir
 from .script_util import model_and_diffusion_defaults
@@ -149,14 +150,19 @@ def default_log_dir() -> str:
 
 
 def resolve_precision(args: argparse.Namespace, device: torch.device) -> None:
-    """Half precision needs a GPU: on a CPU, ``--use_fp16``/``--use_bf16`` are ignored."""
-    for flag in ("use_fp16", "use_bf16"):
-        if getattr(args, flag, False) and device.type != "cuda":
-            if dist_util.is_main():
-                warnings.warn(
-                    f"--{flag} True is ignored on {device.type}: sampling in float32", stacklevel=2
-                )
-            setattr(args, flag, False)
+    """``--use_fp16`` needs a GPU (ignored with a warning elsewhere); ``--use_bf16`` runs on
+    GPUs and on CPUs with native bf16 (AVX512-BF16/AMX; ignored with a warning elsewhere)."""
+    ignored = []
+    if getattr(args, "use_fp16", False) and device.type != "cuda":
+        ignored.append("use_fp16")
+    if getattr(args, "use_bf16", False) and device.type == "cpu" and not cpu_supports_fast_bf16():
+        ignored.append("use_bf16")
+    for flag in ignored:
+        if dist_util.is_main():
+            warnings.warn(
+                f"--{flag} True is ignored on {device.type}: sampling in float32", stacklevel=2
+            )
+        setattr(args, flag, False)
     if getattr(args, "classifier_use_fp16", False) and device.type != "cuda":
         args.classifier_use_fp16 = False
 

@@ -80,8 +80,8 @@ FLAGS: Dict[str, Flag] = {
     "use_fp16": _f(False, "run the UNet trunk in float16 (GPU only)"),
     "use_bf16": _f(
         False,
-        "run the UNet in bfloat16 (sampling: the trunk on GPUs, autocast on "
-        "CPUs with fast bf16; training: autocast)",
+        "run the UNet trunk in bfloat16 (sampling: on GPUs and on CPUs with AVX512-BF16/AMX, "
+        "samples move by ~1e-2; training: autocast)",
     ),
     "use_new_attention_order": _f(False, "qkv laid out as (all q, all k, all v), not per head"),
     # ------------------------------------------------------------------ the diffusion

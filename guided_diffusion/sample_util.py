@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from . import dist_util, logger
+from . import dist_util, fast_path, logger
 from .checkpoints import load_checkpoint_into, read_state_dict
 from .cli import (  # noqa: F401 - re-exported: their old home was this module
     BUNDLED_FLAGS,
@@ -493,13 +493,16 @@ def load_sampling_model(
 
 
 def optimize_for_sampling(model: torch.nn.Module, args: argparse.Namespace, device: torch.device):
-    """The fast path: channels-last memory layout, and ``torch.compile`` when ``--compile``.
-
-    Returns the callable to sample with; the weights (and the checkpoint format) are not
-    changed. The math is the same as the plain model's up to float rounding.
-    """
-    if getattr(args, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
-    if getattr(args, "compile", False):
-        return torch.compile(model, mode=args.compile_mode, dynamic=False)
-    return model
+    """``fast_path.optimize_for_sampling`` for the flags: ``--channels_last``, ``--compile``,
+    ``--compile_mode``, and ``--use_bf16`` on a CPU (the trunk in bfloat16; on GPUs
+    ``load_unet`` has already converted it). Returns the callable to sample with (float32
+    outputs); the weights and the checkpoint format are not changed by the layout."""
+    cpu_bf16 = bool(getattr(args, "use_bf16", False)) and device.type == "cpu"
+    return fast_path.optimize_for_sampling(
+        model,
+        device=device,
+        channels_last=getattr(args, "channels_last", None),
+        compile=bool(getattr(args, "compile", False)),
+        compile_mode=getattr(args, "compile_mode", "default"),
+        precision="bf16" if cpu_bf16 else "fp32",
+    )
