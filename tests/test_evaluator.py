@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluations import EvaluatorError, evaluator, inception
+from guided_diffusion.io_util import file_sha256
 from evaluations.evaluator import (
     DistanceBlock,
     Evaluator,
@@ -296,7 +297,7 @@ def test_download_checks_hash_and_renames(tmp_path, monkeypatch):
     with pytest.raises(inception.WeightsUnavailableError, match="sha256"):
         inception.download_weights(dest, url=src.as_uri())
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # temp file removed
-    digest = inception._sha256_file(src)
+    digest = file_sha256(src)
     monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", digest[:8])
     inception.download_weights(dest, url=src.as_uri())
     assert dest.read_bytes() == b"not the weights"
@@ -679,7 +680,7 @@ def test_written_files_get_the_umask_permissions(tmp_path, tiny_cli, capsys, mon
     np.savez(tmp_path / "sample.npz", arr_0=_images(8, 1))
     src = tmp_path / "served.pth"
     src.write_bytes(b"weights")
-    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", inception._sha256_file(src)[:8])
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", file_sha256(src)[:8])
     old = os.umask(0o027)
     try:
         args = ["--ref_stats_cache", tmp_path / "c.npz", "--json", tmp_path / "o.json"]
