@@ -5,7 +5,9 @@ of the official checkpoints) or a small one, and times, for every path, one UNet
 one sampling step (``p_sample`` with Epsilon Scaling: the network plus the sampler's
 per-step work). Paths are timed in interleaved repeats (plain, default, bf16, plain,
 default, ...), so drifting load on a shared machine hits them alike; each repeat times
-``--iters`` calls after warm-up (wall clock: CUDA events on a GPU, perf_counter on a CPU).
+``--iters`` calls after warm-up (wall clock: CUDA events on a GPU, perf_counter on a CPU;
+``--clock cpu`` takes the process's CPU time instead, which other jobs on a shared machine
+barely disturb: with one thread it is the pass's time, with several the work of all).
 Printed per path: ms per pass and per step (min/median/max over the repeats), the speed-up
 over the plain path (plain time / path time of the same repeat: min/median/max), and the
 relative error of the output against the plain path on the same inputs.
@@ -127,8 +129,9 @@ def random_weights(model: nn.Module, generator: torch.Generator) -> None:
             m.weight.normal_(0, 0.5, generator=generator)
 
 
-def timer(device: torch.device):
+def timer(device: torch.device, clock: str = "wall"):
     """A function that runs ``fn`` ``n`` times and returns the mean seconds per call."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
 
     def run(fn, n: int) -> float:
         if device.type == "cuda":
@@ -139,10 +142,10 @@ def timer(device: torch.device):
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000 / n
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(n):
             fn()
-        return (time.perf_counter() - t0) / n
+        return (now() - t0) / n
 
     return run
 
@@ -176,8 +179,13 @@ def skip_reason(name: str, device: torch.device) -> str:
     return ""
 
 
-def spread(values) -> str:
-    return f"{min(values):.3g}/{statistics.median(values):.3g}/{max(values):.3g}"
+def spread(values, digits: int = 2) -> str:
+    """min/median/max, with ``digits`` decimals (none for values of 100 and more)."""
+
+    def fmt(v: float) -> str:
+        return f"{v:.0f}" if v >= 100 else f"{v:.{digits}f}"
+
+    return "/".join(fmt(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 def main() -> None:
@@ -195,8 +203,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="interleaved repeats of every path")
     p.add_argument("--iters", type=int, default=2, help="timed calls per path and repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls of every path first")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="wall clock, or the process's CPU time (robust on a shared machine)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        p.error("--clock cpu times CPU work: use it with --device cpu")
     if args.config not in names:
         p.error(f"unknown --config {args.config!r}; choose from {names}")
     paths = (args.paths or "plain,default,bf16").split(",")
@@ -237,7 +253,7 @@ def main() -> None:
     print(
         f"{args.config}: {n_params:.1f}M params, {gflop:.2f} GFLOP/img, batch {batch}, "
         f"{torch.get_num_threads()} thread(s), {hardware}, torch {torch.__version__}; "
-        f"{args.repeats} interleaved repeats of {args.iters} calls, wall clock"
+        f"{args.repeats} interleaved repeats of {args.iters} calls, {args.clock} clock"
     )
     fns = {}
     for name in paths:
@@ -246,7 +262,7 @@ def main() -> None:
             print(f"{name:12s} skipped: {reason}")
             continue
         fns[name] = build_path(name, flags, state, device)
-    run = timer(device)
+    run = timer(device, args.clock)
     pass_s = {name: [] for name in fns}
     step_s = {name: [] for name in fns}
     outputs = {}
@@ -275,8 +291,8 @@ def main() -> None:
         ratio_pass = [a / b for a, b in zip(pass_s["plain"], pass_s[name])]
         ratio_step = [a / b for a, b in zip(step_s["plain"], step_s[name])]
         print(
-            f"{name:12s} {spread([s * 1e3 for s in pass_s[name]]):>22s} "
-            f"{spread([s * 1e3 for s in step_s[name]]):>22s} "
+            f"{name:12s} {spread([s * 1e3 for s in pass_s[name]], 1):>22s} "
+            f"{spread([s * 1e3 for s in step_s[name]], 1):>22s} "
             f"{spread(ratio_pass):>18s} {spread(ratio_step):>18s} "
             f"{batch / (statistics.median(step_s[name]) * 20):9.2f} {rel:8.1e}"
         )
