@@ -26,15 +26,19 @@ class GroupNorm32(nn.GroupNorm):
         ).to(x.dtype)
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _nd(table: dict, dims: int) -> type:
+    if dims not in table:
+        raise ValueError(f"unsupported dimensions: {dims} (use 1, 2 or 3)")
+    return table[dims]
+
+
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     """A 1D, 2D or 3D convolution."""
-    if dims == 1:
-        return nn.Conv1d(*args, **kwargs)
-    if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
-    if dims == 3:
-        return nn.Conv3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
+    return _nd(_CONV, dims)(*args, **kwargs)
 
 
 def linear(*args, **kwargs) -> nn.Linear:
@@ -43,13 +47,7 @@ def linear(*args, **kwargs) -> nn.Linear:
 
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     """A 1D, 2D or 3D average pooling."""
-    if dims == 1:
-        return nn.AvgPool1d(*args, **kwargs)
-    if dims == 2:
-        return nn.AvgPool2d(*args, **kwargs)
-    if dims == 3:
-        return nn.AvgPool3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
+    return _nd(_AVG_POOL, dims)(*args, **kwargs)
 
 
 @torch.no_grad()

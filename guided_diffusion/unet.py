@@ -7,14 +7,24 @@ the official checkpoints, so they must never change.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import (  # noqa: F401  (re-exported: the original's names live in unet)
+    ATTENTION_IMPLS,
+    AttentionBlock,
+    AttentionPool2d,
+    QKVAttention,
+    QKVAttentionLegacy,
+    _parse_attention_impl,
+    count_flops_attn,
+    set_attention_impl,
+)
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     avg_pool_nd,
@@ -25,16 +35,6 @@ from .nn import (
     timestep_embedding,
     zero_module,
 )
-
-# "auto": fused scaled_dot_product_attention on GPUs; on CPUs the reference math as batched
-# matmuls over chunks of heads (SDPA's CPU kernels measured 1.5-3x slower for ADM's head size
-# 32; benchmarks/sample_throughput.py)
-ATTENTION_IMPLS = ("auto", "sdpa", "einsum")
-
-# On CPUs, heads are attended in chunks whose (T, S) float32 weights take at most this many
-# bytes, so q^T k, the softmax and the weighted sum of a chunk stay in the L2 cache (measured
-# 2.5x faster than one batched product for 16x16 maps at batch 64, no effect on small maps)
-CPU_ATTENTION_CHUNK_BYTES = 4 << 20
 
 
 class TimestepBlock(nn.Module):
@@ -199,182 +199,6 @@ def _pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
-    """softmax(q^T k / sqrt(ch)) applied to v, for (B*H, ch, T) tensors; returns (B*H, ch, T).
-
-    ``sdpa`` uses ``scaled_dot_product_attention`` (fused kernels); ``einsum`` is the
-    original's formulation (q and k each scaled by ch^-1/4, softmax in float32); ``auto``
-    takes ``sdpa`` on GPUs and, elsewhere, the same math as two batched matmuls over chunks
-    of at most ``CPU_ATTENTION_CHUNK_BYTES`` of weights.
-    """
-    if impl == "auto":
-        if q.is_cuda:
-            impl = "sdpa"
-        else:
-            per_head = q.shape[2] * k.shape[2] * 4
-            n = max(1, CPU_ATTENTION_CHUNK_BYTES // per_head)
-            if n >= q.shape[0]:
-                return _attend_bmm(q, k, v)
-            chunks = [
-                _attend_bmm(q[i : i + n], k[i : i + n], v[i : i + n])
-                for i in range(0, q.shape[0], n)
-            ]
-            return torch.cat(chunks)
-    if impl == "sdpa":
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )  # (B*H, T, ch)
-        return out.transpose(1, 2)
-    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # (B*H, T, S)
-    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v)
-
-
-def _attend_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The einsum reference as two batched matmuls (q scaled by ch^-1/2, softmax in float32)."""
-    weight = torch.bmm((q * (1 / math.sqrt(q.shape[1]))).transpose(1, 2), k)  # (B*H, T, S)
-    weight = torch.softmax(weight.float(), dim=-1).to(v.dtype)
-    return torch.bmm(v, weight.transpose(1, 2))  # (B*H, ch, T)
-
-
-def count_flops_attn(model: nn.Module, _x, y) -> None:
-    """A counter of an attention operation's FLOPs for the ``thop`` package (as the original).
-
-    Use: ``thop.profile(model, inputs=(x, t), custom_ops={QKVAttention:
-    QKVAttention.count_flops})``. thop calls it as a forward hook ``(module, inputs, output)``;
-    the count is taken from ``y[0]`` exactly as guided-diffusion does, so FLOP tables match
-    the original's: with ``b, c, *spatial = y[0].shape``, two matmuls of
-    ``b * num_spatial**2 * c`` ops.
-    """
-    b, c, *spatial = y[0].shape
-    num_spatial = math.prod(spatial)
-    # two matmuls of the same size: the weights (q^T k) and the weighted sum of v
-    matmul_ops = 2 * b * (num_spatial**2) * c
-    model.total_ops += torch.DoubleTensor([matmul_ops])
-
-
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention on qkv laid out per head as (q, k, v) (the older checkpoints)."""
-
-    def __init__(self, n_heads: int, impl: str = "auto"):
-        super().__init__()
-        self.n_heads = n_heads
-        self.impl = impl
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(N, H*3*C, T) -> (N, H*C, T)."""
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend(q, k, v, self.impl).reshape(bs, -1, length)
-
-    @staticmethod
-    def count_flops(model: nn.Module, _x, y) -> None:
-        """thop counter of this operation (``count_flops_attn``)."""
-        count_flops_attn(model, _x, y)
-
-
-class QKVAttention(nn.Module):
-    """Multi-head attention on qkv laid out as (all q, all k, all v) (new attention order)."""
-
-    def __init__(self, n_heads: int, impl: str = "auto"):
-        super().__init__()
-        self.n_heads = n_heads
-        self.impl = impl
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(N, 3*H*C, T) -> (N, H*C, T)."""
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = (
-            t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1)
-        )  # each (N*H, C, T)
-        return _attend(q, k, v, self.impl).reshape(bs, -1, length)
-
-    @staticmethod
-    def count_flops(model: nn.Module, _x, y) -> None:
-        """thop counter of this operation (``count_flops_attn``)."""
-        count_flops_attn(model, _x, y)
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention over the spatial positions of a feature map, with a residual."""
-
-    def __init__(
-        self,
-        channels: int,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_checkpoint: bool = False,
-        use_new_attention_order: bool = False,
-        attention_impl: str = "auto",
-    ):
-        super().__init__()
-        self.channels = channels
-        if num_head_channels == -1:
-            self.num_heads = num_heads
-        else:
-            if channels % num_head_channels:
-                raise ValueError(
-                    f"channels {channels} not divisible by num_head_channels {num_head_channels}"
-                )
-            self.num_heads = channels // num_head_channels
-        self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
-        self.qkv = conv_nd(1, channels, channels * 3, 1)
-        attn_cls = QKVAttention if use_new_attention_order else QKVAttentionLegacy
-        self.attention = attn_cls(self.num_heads, attention_impl)
-        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *spatial = x.shape
-        h = self.proj_out(self.attention(self.qkv(self.norm(x.reshape(b, c, -1)))))  # (N, C, T)
-        # the residual in x's own memory layout: a channels-last map stays channels-last
-        # (the sum of the flattened views loses it at batch 1, and GroupNorm then copies)
-        return x + h.reshape(b, c, *spatial)
-
-
-class AttentionPool2d(nn.Module):
-    """CLIP-style attention pooling: the mean token attends to all positions."""
-
-    def __init__(
-        self,
-        spacial_dim: int,
-        embed_dim: int,
-        num_heads_channels: int,
-        output_dim: Optional[int] = None,
-        attention_impl: str = "auto",
-    ):
-        super().__init__()
-        self.positional_embedding = nn.Parameter(
-            torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
-        )
-        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
-        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
-        self.num_heads = embed_dim // num_heads_channels
-        self.attention = QKVAttention(self.num_heads, attention_impl)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *_ = x.shape
-        x = x.reshape(b, c, -1)  # (N, C, HW)
-        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # (N, C, HW+1)
-        x = x + self.positional_embedding[None].to(x.dtype)
-        x = self.c_proj(self.attention(self.qkv_proj(x)))
-        return x[:, :, 0]
-
-
-def _parse_attention_impl(attention_impl: str) -> str:
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
-    return attention_impl
-
-
 def check_image_size(image_size: int, channel_mult: Sequence[float]) -> None:
     """Refuse an image size the resolution levels cannot halve down and double back up.
 
@@ -391,18 +215,65 @@ def check_image_size(image_size: int, channel_mult: Sequence[float]) -> None:
         )
 
 
-def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:
-    """Switch every attention layer of ``model`` to ``auto``, ``sdpa`` or ``einsum`` (the
-    original's computation); no weights change."""
-    impl = _parse_attention_impl(impl)
-    for m in model.modules():
-        if isinstance(m, (QKVAttention, QKVAttentionLegacy)):
-            m.impl = impl
-    return model
+@dataclass(frozen=True)
+class _Blocks:
+    """The settings that every residual and attention block of one network shares."""
+
+    time_embed_dim: int
+    dropout: float
+    dims: int
+    use_checkpoint: bool
+    use_scale_shift_norm: bool
+    num_head_channels: int
+    use_new_attention_order: bool
+    attention_impl: str
+    conv_resample: bool
+    resblock_updown: bool
+
+    def res(self, ch: int, out_channels: Optional[int] = None, **updown: bool) -> ResBlock:
+        return ResBlock(
+            ch,
+            self.time_embed_dim,
+            self.dropout,
+            out_channels=out_channels,
+            dims=self.dims,
+            use_checkpoint=self.use_checkpoint,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            **updown,
+        )
+
+    def attn(self, ch: int, num_heads: int) -> AttentionBlock:
+        return AttentionBlock(
+            ch,
+            use_checkpoint=self.use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=self.num_head_channels,
+            use_new_attention_order=self.use_new_attention_order,
+            attention_impl=self.attention_impl,
+        )
+
+    def down(self, ch: int) -> nn.Module:
+        if self.resblock_updown:
+            return self.res(ch, ch, down=True)
+        return Downsample(ch, self.conv_resample, dims=self.dims, out_channels=ch)
+
+    def up(self, ch: int) -> nn.Module:
+        if self.resblock_updown:
+            return self.res(ch, ch, up=True)
+        return Upsample(ch, self.conv_resample, dims=self.dims, out_channels=ch)
 
 
-class _HalfPrecisionMixin:
-    """``convert_to_fp16`` / ``convert_to_fp32`` for the trunk of a (half) UNet."""
+# the constructor arguments both networks keep as attributes (as the original does)
+_CONFIG_ATTRS = (
+    "image_size in_channels model_channels out_channels num_res_blocks attention_resolutions "
+    "dropout channel_mult conv_resample num_classes null_class use_checkpoint num_heads "
+    "num_head_channels num_heads_upsample"
+).split()
+
+
+class _Trunk(nn.Module):
+    """What the UNet and the classifier share: their configuration attributes, the timestep
+    embedding, the encoder (``input_blocks``, ``middle_block``) and fp16/bf16 conversion."""
 
     def _trunk(self) -> list[nn.Module]:
         return [self.input_blocks, self.middle_block]
@@ -419,109 +290,64 @@ class _HalfPrecisionMixin:
             part.apply(convert_module_to_f32)
         self.dtype = torch.float32
 
-
-def _build_encoder(
-    self,
-    *,
-    model_channels: int,
-    time_embed_dim: int,
-    in_channels: int,
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    dropout: float,
-    channel_mult: Sequence[int],
-    conv_resample: bool,
-    dims: int,
-    use_checkpoint: bool,
-    num_heads: int,
-    num_head_channels: int,
-    use_scale_shift_norm: bool,
-    resblock_updown: bool,
-    use_new_attention_order: bool,
-    attention_impl: str,
-) -> tuple[list[int], int, int]:
-    """Build ``input_blocks`` and ``middle_block`` (shared by UNetModel and EncoderUNetModel).
-
-    Returns the channel counts of the skip connections, the final channel count and the
-    final downsampling factor.
-    """
-    ch = int(channel_mult[0] * model_channels)
-    self.input_blocks = nn.ModuleList(
-        [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
-    )
-    skip_chans = [ch]
-    ds = 1
-    for level, mult in enumerate(channel_mult):
-        for _ in range(num_res_blocks):
-            layers: list[nn.Module] = [
-                ResBlock(
-                    ch,
-                    time_embed_dim,
-                    dropout,
-                    out_channels=int(mult * model_channels),
-                    dims=dims,
-                    use_checkpoint=use_checkpoint,
-                    use_scale_shift_norm=use_scale_shift_norm,
-                )
-            ]
-            ch = int(mult * model_channels)
-            if ds in attention_resolutions:
-                layers.append(
-                    AttentionBlock(
-                        ch,
-                        use_checkpoint=use_checkpoint,
-                        num_heads=num_heads,
-                        num_head_channels=num_head_channels,
-                        use_new_attention_order=use_new_attention_order,
-                        attention_impl=attention_impl,
-                    )
-                )
-            self.input_blocks.append(TimestepEmbedSequential(*layers))
-            skip_chans.append(ch)
-        if level != len(channel_mult) - 1:
-            if resblock_updown:
-                down: nn.Module = ResBlock(
-                    ch,
-                    time_embed_dim,
-                    dropout,
-                    out_channels=ch,
-                    dims=dims,
-                    use_checkpoint=use_checkpoint,
-                    use_scale_shift_norm=use_scale_shift_norm,
-                    down=True,
-                )
-            else:
-                down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
-            self.input_blocks.append(TimestepEmbedSequential(down))
-            skip_chans.append(ch)
-            ds *= 2
-
-    def res(c: int) -> ResBlock:
-        return ResBlock(
-            c,
-            time_embed_dim,
-            dropout,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            use_scale_shift_norm=use_scale_shift_norm,
+    def _build_trunk(self, config: dict) -> tuple[_Blocks, list[int], int, int]:
+        """Store the configuration, build the timestep embedding and the encoder (``config``
+        is the constructor's ``locals()``); returns the block factory and ``_build_encoder``'s
+        skip channels, final channel count and downsampling factor."""
+        if config["num_heads_upsample"] == -1:
+            config["num_heads_upsample"] = config["num_heads"]
+        for name in _CONFIG_ATTRS:
+            if name in config:
+                setattr(self, name, config[name])
+        self.dtype = torch.float32
+        model_channels = config["model_channels"]
+        blocks = _Blocks(
+            time_embed_dim=model_channels * 4,
+            attention_impl=_parse_attention_impl(config["attention_impl"]),
+            **{
+                k: config[k]
+                for k in "dropout dims use_checkpoint use_scale_shift_norm num_head_channels "
+                "use_new_attention_order conv_resample resblock_updown".split()
+            },
         )
+        self.time_embed = nn.Sequential(
+            linear(model_channels, blocks.time_embed_dim),
+            nn.SiLU(),
+            linear(blocks.time_embed_dim, blocks.time_embed_dim),
+        )
+        if config.get("num_classes") is not None:  # before the encoder: the state_dict order
+            n_labels = config["num_classes"] + int(config["null_class"])
+            self.label_emb = nn.Embedding(n_labels, blocks.time_embed_dim)
+        return (blocks, *self._build_encoder(blocks))
 
-    self.middle_block = TimestepEmbedSequential(
-        res(ch),
-        AttentionBlock(
-            ch,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_new_attention_order=use_new_attention_order,
-            attention_impl=attention_impl,
-        ),
-        res(ch),
-    )
-    return skip_chans, ch, ds
+    def _build_encoder(self, blocks: _Blocks) -> tuple[list[int], int, int]:
+        """Build ``input_blocks`` and ``middle_block``; returns the skip connections' channel
+        counts, the final channel count and the final downsampling factor."""
+        ch = int(self.channel_mult[0] * self.model_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(blocks.dims, self.in_channels, ch, 3, padding=1))]
+        )
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers: list[nn.Module] = [blocks.res(ch, int(mult * self.model_channels))]
+                ch = int(mult * self.model_channels)
+                if ds in self.attention_resolutions:
+                    layers.append(blocks.attn(ch, self.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(blocks.down(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            blocks.res(ch), blocks.attn(ch, self.num_heads), blocks.res(ch)
+        )
+        return skip_chans, ch, ds
 
 
-class UNetModel(_HalfPrecisionMixin, nn.Module):
+class UNetModel(_Trunk):
     """The ADM UNet with timestep embedding, optional class embedding and attention.
 
     :param in_channels: channels of the input tensor.
@@ -566,103 +392,23 @@ class UNetModel(_HalfPrecisionMixin, nn.Module):
         null_class: bool = False,
     ):
         super().__init__()
-        attention_impl = _parse_attention_impl(attention_impl)
         check_image_size(image_size, channel_mult)
         if null_class and num_classes is None:
             raise ValueError("null_class needs a class-conditional model (num_classes)")
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.num_classes = num_classes
-        self.null_class = null_class
-        self.use_checkpoint = use_checkpoint
-        self.dtype = torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
-
-        time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
-            nn.SiLU(),
-            linear(time_embed_dim, time_embed_dim),
-        )
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes + int(null_class), time_embed_dim)
-
-        skip_chans, ch, ds = _build_encoder(
-            self,
-            model_channels=model_channels,
-            time_embed_dim=time_embed_dim,
-            in_channels=in_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-            attention_impl=attention_impl,
-        )
-
+        blocks, skip_chans, ch, ds = self._build_trunk(locals())
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
-                skip = skip_chans.pop()
                 layers: list[nn.Module] = [
-                    ResBlock(
-                        ch + skip,
-                        time_embed_dim,
-                        dropout,
-                        out_channels=int(model_channels * mult),
-                        dims=dims,
-                        use_checkpoint=use_checkpoint,
-                        use_scale_shift_norm=use_scale_shift_norm,
-                    )
+                    blocks.res(ch + skip_chans.pop(), int(model_channels * mult))
                 ]
                 ch = int(model_channels * mult)
                 if ds in attention_resolutions:
-                    layers.append(
-                        AttentionBlock(
-                            ch,
-                            use_checkpoint=use_checkpoint,
-                            num_heads=num_heads_upsample,
-                            num_head_channels=num_head_channels,
-                            use_new_attention_order=use_new_attention_order,
-                            attention_impl=attention_impl,
-                        )
-                    )
+                    layers.append(blocks.attn(ch, self.num_heads_upsample))
                 if level and i == num_res_blocks:
-                    if resblock_updown:
-                        up: nn.Module = ResBlock(
-                            ch,
-                            time_embed_dim,
-                            dropout,
-                            out_channels=ch,
-                            dims=dims,
-                            use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm,
-                            up=True,
-                        )
-                    else:
-                        up = Upsample(ch, conv_resample, dims=dims, out_channels=ch)
-                    layers.append(up)
+                    layers.append(blocks.up(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
@@ -710,7 +456,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
-class EncoderUNetModel(_HalfPrecisionMixin, nn.Module):
+class EncoderUNetModel(_Trunk):
     """The encoder half of the UNet with a pooling head: the noisy-image classifier.
 
     ``pool`` is one of ``adaptive``, ``attention``, ``spatial``, ``spatial_v2``.
@@ -740,48 +486,9 @@ class EncoderUNetModel(_HalfPrecisionMixin, nn.Module):
         attention_impl: str = "auto",
     ):
         super().__init__()
-        attention_impl = _parse_attention_impl(attention_impl)
         if pool == "attention":  # the pooling's positional embedding has the final map's size
             check_image_size(image_size, channel_mult)
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.dtype = torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
-
-        time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
-            nn.SiLU(),
-            linear(time_embed_dim, time_embed_dim),
-        )
-        skip_chans, ch, ds = _build_encoder(
-            self,
-            model_channels=model_channels,
-            time_embed_dim=time_embed_dim,
-            in_channels=in_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-            attention_impl=attention_impl,
-        )
+        _, skip_chans, ch, ds = self._build_trunk(locals())
         # spatial pooling concatenates the mean of every input block and the middle block
         self._feature_size = sum(skip_chans) + ch
         self.pool = pool

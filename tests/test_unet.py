@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import unet
+from guided_diffusion import attention
 from guided_diffusion.nn import CheckpointFunction
 from guided_diffusion.script_util import (
     create_classifier,
@@ -89,7 +89,7 @@ def test_sdpa_equals_einsum(cls, heads, ch, length):
 @pytest.mark.parametrize("cls", [QKVAttention, QKVAttentionLegacy])
 def test_cpu_chunked_attention_equals_einsum(cls, monkeypatch):
     """'auto' on a CPU attends in chunks of heads; 5 heads of 17x17 weights in chunks of 2."""
-    monkeypatch.setattr(unet, "CPU_ATTENTION_CHUNK_BYTES", 2 * 17 * 17 * 4)
+    monkeypatch.setattr(attention, "CPU_ATTENTION_CHUNK_BYTES", 2 * 17 * 17 * 4)
     qkv = torch.randn(1, 3 * 5 * 8, 17, generator=torch.Generator().manual_seed(1)) * 2
     torch.testing.assert_close(cls(5, "auto")(qkv), cls(5, "einsum")(qkv), rtol=1e-5, atol=1e-5)
 
