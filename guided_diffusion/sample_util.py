@@ -41,6 +41,7 @@ from .cli import (  # noqa: F401 - re-exported: their old home was this module
 )
 from .flags import COMPILE_MODES, FLAGS, SAMPLING_FLAGS, check_flags, flag_defaults
 from .guidance import classifier_free_guidance
+from .image_datasets import script_data_share
 from .io_util import save_image_grid, save_npz_atomic, write_json_atomic, write_npz_streaming
 from .script_util import create_model, diffusion_from_flags, model_and_diffusion_defaults
 from .seeding import batch_seed, make_generator
@@ -421,6 +422,14 @@ def _first_images(shard_dir: Path, num_batches: int, n: int) -> Iterator[np.ndar
 def build_diffusion(args: argparse.Namespace):
     """The sampling diffusion from the flags (validates respacing and the lambda schedule)."""
     return diffusion_from_flags(vars(args))
+
+
+def measurement_inputs(args: argparse.Namespace, device: torch.device):
+    """A measurement script's inputs: this process's data batches (``--data_dir``,
+    ``--num_samples``, ``--batch_size``), the loaded UNet and the sampler's name."""
+    batches = script_data_share(args, args.batch_size)
+    logger.log(f"loading {args.model_path}")
+    return batches, load_unet(args, device), "ddim" if args.use_ddim else "ddpm"
 
 
 def load_unet(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

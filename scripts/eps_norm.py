@@ -29,10 +29,9 @@ import numpy as np
 from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion.cli import cli, progress_bar, start_script
-from guided_diffusion.image_datasets import script_data_share
 from guided_diffusion.io_util import save_npz_atomic, write_csv, write_json_atomic
 from guided_diffusion.plots import plot_eps_norm
-from guided_diffusion.sample_util import build_diffusion, load_unet
+from guided_diffusion.sample_util import build_diffusion, measurement_inputs
 
 CSV_COLUMNS = ("step", "t", "train_norm", "sample_norm")
 
@@ -46,10 +45,7 @@ def main() -> None:
     args = start_script(create_argparser(), "measure")
     device, world = dist_util.dev(), dist_util.get_world_size()
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
-    batches = script_data_share(args, args.batch_size)
-    logger.log(f"loading {args.model_path}")
-    model = load_unet(args, device)
-    sampler = "ddim" if args.use_ddim else "ddpm"
+    batches, model, sampler = measurement_inputs(args, device)
     logger.log(
         f"eps norms of {args.num_samples} samples: {diffusion.num_timesteps} steps ({sampler}), "
         f"lambda_i = {args.eps_scaler_k} * i + {args.eps_scaler}, {world} process(es) on {device}"

@@ -30,10 +30,9 @@ import os
 from guided_diffusion import dist_util, flags, logger
 from guided_diffusion import exposure_bias as eb
 from guided_diffusion.cli import UserError, cli, progress_bar, start_script
-from guided_diffusion.image_datasets import script_data_share
 from guided_diffusion.io_util import save_npz_atomic, write_csv, write_json_atomic
 from guided_diffusion.plots import plot_delta
-from guided_diffusion.sample_util import build_diffusion, load_unet
+from guided_diffusion.sample_util import build_diffusion, measurement_inputs
 
 RUN_FLAGS = ["mode", "compare_eps_scaler", "compare_eps_scaler_k"]
 
@@ -68,10 +67,7 @@ def main() -> None:
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here
     runs = {"main": diffusion, "compare": comparison(args, diffusion)}
     runs = {name: d for name, d in runs.items() if d is not None}
-    batches = script_data_share(args, args.batch_size)
-    logger.log(f"loading {args.model_path}")
-    model = load_unet(args, device)
-    sampler = "ddim" if args.use_ddim else "ddpm"
+    batches, model, sampler = measurement_inputs(args, device)
     logger.log(
         f"delta_t ({args.mode}) of {args.num_samples} samples: {diffusion.num_timesteps} "
         f"steps ({sampler}), {world} process(es) on {device}"
