@@ -191,6 +191,25 @@ def bundled_model_args(model_path: str = "", **overrides: Any) -> argparse.Names
     return argparse.Namespace(**flags)
 
 
+# evaluation_defaults of the bundled model that name files below the repository
+_BUNDLED_DATA = ("ref_batch", "data_dir")
+
+
+def _bundled_default(name: str, value: Any) -> Any:
+    """A bundled default; its data files are paths below the repository, and a missing one
+    is a one-line error saying how to make it."""
+    if name not in _BUNDLED_DATA or not value:
+        return value
+    path = REPO_ROOT / value
+    if not path.exists():
+        raise UserError(
+            f"the bundled model's --{name} {path} is missing: prepare Fashion-MNIST with "
+            "'python datasets/fashion_mnist.py --out_dir data/fmnist --no_png' (make demo does "
+            f"it), or pass --{name}"
+        )
+    return str(path)
+
+
 def apply_bundled_model(
     args: argparse.Namespace, explicit: set, keys: Optional[Iterable[str]] = None
 ) -> bool:
@@ -202,10 +221,10 @@ def apply_bundled_model(
         return False
     meta = bundled_model_meta()
     defaults = {**meta["flags"], **meta.get("sampling_defaults", {})}
-    defaults.update(meta.get("evaluation_defaults", {}))  # e.g. its reference batch
+    defaults.update(meta.get("evaluation_defaults", {}))  # its reference batch, its data
     for k in defaults if keys is None else keys:
         if k in defaults and k not in explicit and hasattr(args, k):
-            setattr(args, k, defaults[k])
+            setattr(args, k, _bundled_default(k, defaults[k]))
     args.model_path = str(BUNDLED_MODEL)
     dist_util.print0(
         f"no --model_path: sampling from the bundled Fashion-MNIST model {BUNDLED_MODEL} "

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from guided_diffusion import cli, seeding
 from guided_diffusion import flags as F
-from guided_diffusion import seeding
 from guided_diffusion.cli import progress_bar
 
 from conftest import ROOT
@@ -177,3 +177,17 @@ def test_ctrl_c_under_mpirun_is_one_line_without_banner(tmp_path):
     assert err.count("interrupted; rerun the same command to resume") == 1, err
     assert "Traceback" not in err and "BAD TERMINATION" not in out + err
     assert list((tmp_path / "shards").glob("batch_*.npz"))  # the finished batches are kept
+
+
+def test_bundled_data_defaults_are_repository_paths(tmp_path, monkeypatch):
+    """The bundled model's reference batch is found from any working directory; a missing
+    one is a one-line error saying how to prepare it."""
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ref.npz").write_bytes(b"x")
+    monkeypatch.chdir("/")
+    assert cli._bundled_default("ref_batch", "data/ref.npz") == str(tmp_path / "data" / "ref.npz")
+    assert cli._bundled_default("feature_net", "fmnist") == "fmnist"
+    with pytest.raises(cli.UserError, match="datasets/fashion_mnist.py") as e:
+        cli._bundled_default("data_dir", "data/missing.npz")
+    assert "\n" not in str(e.value)
