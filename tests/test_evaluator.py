@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluations import EvaluatorError, evaluator, inception
-from guided_diffusion.io_util import file_sha256
 from evaluations.evaluator import (
     DistanceBlock,
     Evaluator,
@@ -31,6 +30,7 @@ from evaluations.evaluator import (
     inception_score_from_preds,
     paired_bootstrap_fid,
 )
+from guided_diffusion.io_util import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden_small"
