@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -454,13 +455,16 @@ class TrainerBase(ABC):
         self.use_ddp = dist_util.get_world_size() > 1
         self.ddp_model: nn.Module = self.model
         if self.use_ddp:
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=[device] if device.type == "cuda" else None,
-                broadcast_buffers=False,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-            )
+            with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; the
+                # original's semantics (no buffer sync at all) have no new spelling yet
+                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+                self.ddp_model = DDP(
+                    self.model,
+                    device_ids=[device] if device.type == "cuda" else None,
+                    broadcast_buffers=False,
+                    bucket_cap_mb=128,
+                    find_unused_parameters=False,
+                )
 
     # ----------------------------------------------------------------- resume
 
