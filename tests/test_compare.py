@@ -53,6 +53,8 @@ def test_compare_samplers_table_and_resume(tmp_path):
 
 
 def test_compare_samplers_needs_a_reference(tmp_path):
-    # the bundled model brings its reference batch; an explicitly empty one is refused
-    proc = run(["--out_dir", tmp_path, "--methods", "adm,es", "--ref_batch", ""], tmp_path)
+    # the bundled model brings its reference batch and data; explicitly empty ones are
+    # refused (on a fresh clone without data/fmnist the missing data is named instead)
+    args = ["--out_dir", tmp_path, "--methods", "adm,es", "--ref_batch", "", "--data_dir", ""]
+    proc = run(args, tmp_path)
     assert proc.returncode == 2 and "--ref_batch" in proc.stderr and "Traceback" not in proc.stderr
