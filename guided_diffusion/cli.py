@@ -63,7 +63,9 @@ def cli(main: Callable[[], Any]) -> None:
             print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr, flush=True)
         sys.exit(130)
     except Preempted as e:
-        if dist_util.is_main():
+        main_rank = dist_util.is_main()
+        dist_util.cleanup()  # every rank stops at the same step: they leave together
+        if main_rank:
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
         sys.exit(143)
     except (ValueError, OSError, NotImplementedError) as e:
