@@ -494,11 +494,11 @@ def sampling_model(
 
 def load_sampling_model(
     args: argparse.Namespace, device: torch.device
-) -> Tuple[Callable[..., torch.Tensor], torch.nn.Module]:
-    """``(what the sampler calls, the UNet)`` for the flags: ``load_unet``, then the fast path
+) -> Callable[..., torch.Tensor]:
+    """What the sampler calls, for the flags: ``load_unet``, then the fast path
     (``optimize_for_sampling``) and classifier-free guidance (``sampling_model``)."""
     unet = load_unet(args, device)
-    return sampling_model(optimize_for_sampling(unet, args, device), unet, args), unet
+    return sampling_model(optimize_for_sampling(unet, args, device), unet, args)
 
 
 def optimize_for_sampling(model: torch.nn.Module, args: argparse.Namespace, device: torch.device):

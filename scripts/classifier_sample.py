@@ -72,7 +72,7 @@ def main() -> None:
     SamplingOptions.from_args(args)  # a --use_ddim/--sampler conflict fails here
     cond_fn = classifier_cond_fn(load_classifier(args, device), args.classifier_scale)
     logger.log(f"loading {args.model_path} and {args.classifier_path}")
-    model, _ = load_sampling_model(args, device)
+    model = load_sampling_model(args, device)
 
     def model_fn(x, t, y=None):
         return model(x, t, y=y if args.class_cond else None)

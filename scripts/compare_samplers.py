@@ -48,7 +48,7 @@ def main() -> None:
     if dist_util.get_world_size() > 1 or not args.ref_batch or "adm" not in methods:
         raise UserError("compare_samplers.py runs as one process and needs --ref_batch and adm")
     device, out = dist_util.dev(), Path(args.out_dir)
-    model, _ = load_sampling_model(args, device)
+    model = load_sampling_model(args, device)
     ev = Evaluator(load_feature_net(args.feature_net, device=str(device)), device=str(device))
     ref = ev.read_reference(args.ref_batch)
     run = {k: getattr(args, k) for k in RUN}

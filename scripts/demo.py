@@ -143,7 +143,7 @@ def main() -> None:
     data = prepare_fashion_mnist(args.data_dir, args.fmnist_source)
     bf16 = args.use_bf16 and device.type == "cpu" and cpu_supports_fast_bf16()
     m = bundled_model_args(args.model_path, timestep_respacing=str(args.steps), use_bf16=bf16)
-    model, _ = load_sampling_model(m, device)
+    model = load_sampling_model(m, device)
     base = build_diffusion(m)
     settings = dict({k: getattr(args, k) for k in SETTINGS}, model=file_sha256(m.model_path))
     run_dir = settings_folder(out, settings)  # a rerun with these settings resumes from here

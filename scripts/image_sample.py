@@ -32,7 +32,7 @@ def main() -> None:
     diffusion = build_diffusion(args)  # bad respacing or lambda fails here, before loading
     options = SamplingOptions.from_args(args)
     logger.log(f"loading {args.model_path}")
-    model, _ = load_sampling_model(args, device)
+    model = load_sampling_model(args, device)
     logger.log(
         f"sampling {args.num_samples} images: {diffusion.num_timesteps} steps "
         f"({options.describe()}), lambda_i = {args.eps_scaler_k} * i + {args.eps_scaler}, "
