@@ -28,20 +28,22 @@ INITIAL_LOG_LOSS_SCALE = 20.0
 ParamGroup = Tuple[List[Tuple[str, torch.Tensor]], Tuple[int, ...]]
 
 
-def convert_module_to_f16(module: nn.Module, dtype: torch.dtype = torch.float16) -> None:
-    """Cast the weights of a convolution to half precision (fp16 by default, or bf16)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        module.weight.data = module.weight.data.to(dtype)
-        if module.bias is not None:
-            module.bias.data = module.bias.data.to(dtype)
+def convert_module_to_f16(l: nn.Module, dtype: torch.dtype = torch.float16) -> None:  # noqa: E741
+    """Cast the weights of a convolution ``l`` to half precision (fp16 by default, or bf16);
+    guided-diffusion's parameter name, for ``model.apply``."""
+    if isinstance(l, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        l.weight.data = l.weight.data.to(dtype)
+        if l.bias is not None:
+            l.bias.data = l.bias.data.to(dtype)
 
 
-def convert_module_to_f32(module: nn.Module) -> None:
-    """Cast the weights of a convolution back to float32 (undoes ``convert_module_to_f16``)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        module.weight.data = module.weight.data.float()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.float()
+def convert_module_to_f32(l: nn.Module) -> None:  # noqa: E741
+    """Cast the weights of a convolution ``l`` back to float32 (undoes
+    ``convert_module_to_f16``)."""
+    if isinstance(l, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        l.weight.data = l.weight.data.float()
+        if l.bias is not None:
+            l.bias.data = l.bias.data.float()
 
 
 # ----------------------------------------------------------------- master-parameter helpers

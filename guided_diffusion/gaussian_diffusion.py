@@ -183,13 +183,9 @@ class GaussianDiffusion(NoiseSchedule, SamplingLoop, VariationalBound):
 
     # ------------------------------------------------------------ classifier guidance
 
-    def _cond_gradient(self, cond_fn, x: torch.Tensor, t: torch.Tensor, model_kwargs=None):
-        """grad_x log p(y | x_t) from ``cond_fn`` at the network's timestep of step t."""
-        return cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
-
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None) -> torch.Tensor:
         """Shift the mean by variance * grad log p(y | x_t) (Dhariwal & Nichol, Algorithm 1)."""
-        gradient = self._cond_gradient(cond_fn, x, t, model_kwargs)
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None) -> Dict[str, Any]:
@@ -200,7 +196,8 @@ class GaussianDiffusion(NoiseSchedule, SamplingLoop, VariationalBound):
         """
         alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * self._cond_gradient(cond_fn, x, t, model_kwargs)
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        eps = eps - (1 - alpha_bar).sqrt() * gradient
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
@@ -227,7 +224,10 @@ class GaussianDiffusion(NoiseSchedule, SamplingLoop, VariationalBound):
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        mean_pred = mean_pred + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        # clamped: in float32, 1 - abar_prev - sigma^2 (exactly >= 0) rounds to -6e-8 at the
+        # first step of a 3-step cosine schedule with eta = 1, where the original's sqrt
+        # gives NaN; elsewhere the clamp is the identity, bit for bit
+        mean_pred = mean_pred + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * eps
         nonzero_mask = (t != 0).float().reshape(-1, *([1] * (x.ndim - 1)))
         return mean_pred + nonzero_mask * sigma * noise
 

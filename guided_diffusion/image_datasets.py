@@ -354,6 +354,10 @@ class ImageDataset(Dataset):
         return np.transpose(arr, (2, 0, 1)), out  # [C, H, W]
 
 
+# guided-diffusion's private name, which forks import
+_list_image_files_recursively = list_image_files_recursively
+
+
 def to_grey(arr: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> [H, W, 1]: PIL's "L" conversion (L = (19595 R + 38470 G + 7471 B
     + 2^15) >> 16), so three equal channels v give exactly v."""

@@ -226,6 +226,33 @@ def _weighted_mean_over_ranks(comm: Any, name2val, name2cnt) -> Dict[str, Any]:
     return out
 
 
+def mpi_weighted_mean(comm: Any, local_name2valcount: Dict[str, Any]) -> Dict[str, Any]:
+    """guided-diffusion's helper: ``{name: (value, count)}`` of this rank averaged over all
+    ranks of ``comm``, weighted by the counts (every rank calls). The original returns the
+    result on rank 0 only and ``{}`` elsewhere; so does this."""
+    name2val = {k: v for k, (v, _) in local_name2valcount.items()}
+    name2cnt = {k: c for k, (_, c) in local_name2valcount.items()}
+    out = _weighted_mean_over_ranks(comm, name2val, name2cnt)
+    rank = comm.Get_rank() if hasattr(comm, "Get_rank") else get_rank_without_mpi_import()
+    return out if rank == 0 else {}
+
+
+def get_rank_without_mpi_import() -> int:
+    """This process's rank from the launcher's environment (MPI, SLURM or torchrun), 0 when
+    none is set; imports no MPI (guided-diffusion's helper)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _configure_default_logger() -> None:
+    """Configure the default logger (guided-diffusion's helper): ``configure()`` then make
+    it the one ``reset`` returns to."""
+    configure()
+    Logger.DEFAULT = Logger.CURRENT
+
+
 def get_current() -> Logger:
     """The logger of the module functions (a stdout-only one before ``configure``)."""
     if Logger.CURRENT is None:

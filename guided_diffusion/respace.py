@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence, Union
 
 import numpy as np
+import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
@@ -102,32 +103,41 @@ class SpacedDiffusion(GaussianDiffusion):
     def training_losses(self, model, *args, **kwargs):
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
-    def _cond_gradient(self, cond_fn, *args, **kwargs):
-        return super()._cond_gradient(self._wrap_model(cond_fn), *args, **kwargs)
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(
+            model, self.timestep_map, self.rescale_timesteps, self.original_num_steps
+        )
 
     def _scale_timesteps(self, t):
         return t  # the wrapper maps (and rescales) timesteps
 
 
 class _WrappedModel:
-    """Calls ``model`` with the original timestep of each respaced step index."""
+    """Calls ``model`` with the original timestep ``timestep_map[i]`` of each respaced step
+    index i (scaled to [0, 1000) with ``rescale_timesteps``); guided-diffusion's signature.
+    The map is copied to each device once."""
 
-    def __init__(
-        self, model, diffusion: SpacedDiffusion, rescale_timesteps: bool, original_num_steps: int
-    ):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
         self.model = model
-        self.diffusion = diffusion
+        self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
+        self._maps: dict = {}
 
     def __call__(self, x, ts, **kwargs):
-        d = self.diffusion
-        new_ts = d._device_array(d.original_timesteps, ts.device)[ts]
+        map_tensor = self._maps.get(ts.device)
+        if map_tensor is None:
+            map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=torch.long)
+            self._maps[ts.device] = map_tensor
+        new_ts = map_tensor[ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

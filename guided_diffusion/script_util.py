@@ -425,8 +425,10 @@ def create_gaussian_diffusion(
     )
 
 
-# guided-diffusion's name for flags.add_flags (same arguments: parser, default_dict)
-add_dict_to_argparser = add_flags
+def add_dict_to_argparser(parser, default_dict):
+    """Add one ``--name`` flag per entry of ``default_dict`` (guided-diffusion's signature;
+    ``flags.add_flags`` with the project's help texts and choices)."""
+    add_flags(parser, default_dict)
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
