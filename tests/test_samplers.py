@@ -95,6 +95,23 @@ def test_ddim_eta_one_step_closed_form():
     torch.testing.assert_close(out["sample"], want, atol=1e-5, rtol=1e-5)
 
 
+def test_ddim_eta_one_stays_finite_where_the_float32_coefficient_rounds_below_zero():
+    """3 cosine steps, eta = 1: at the first step 1 - abar_prev - sigma^2 is exactly
+    (1 - abar_prev)(abar / abar_prev - abar) / (1 - abar) >= 0 but rounds to -6e-8 in float32;
+    the eps term must then vanish (a NaN there was the original's sqrt of it)."""
+    d = diffusion("3")
+    t = torch.full((1,), 2)
+    ab, ab_prev = (d._extract(a, t, (1,)) for a in (d.alphas_cumprod, d.alphas_cumprod_prev))
+    sigma = torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+    assert float(1 - ab_prev - sigma**2) < 0  # the case this test is about
+    steps = run(d, x_T(), sampler="ddim", eta=1.0, generator=seeded(3))
+    assert all(torch.isfinite(o["sample"]).all() for o in steps)
+    first = steps[0]  # x0 scaled back plus the posterior noise, no eps term
+    z = torch.randn(first["x_t"].shape, generator=seeded(3))  # the generator's first draw
+    want = first["pred_xstart"] * torch.sqrt(ab_prev) + sigma * z
+    torch.testing.assert_close(first["sample"], want, atol=1e-6, rtol=1e-6)
+
+
 def test_ddim_eta_is_reproducible_and_checked():
     d = diffusion("10")
     x = x_T()
