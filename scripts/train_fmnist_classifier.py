@@ -9,8 +9,9 @@ accuracy, command, time, hardware) next to it::
     python scripts/train_fmnist_classifier.py --train_npz data/fmnist/fmnist_train.npz \\
         --test_npz data/fmnist/fmnist_test.npz --out models/fmnist_classifier.pt
 
-SGD with Nesterov momentum and a one-cycle learning rate; augmentation: random horizontal
-flips and shifts of up to 2 pixels. Deterministic for a given ``--seed`` and thread count.
+The training itself (SGD with Nesterov momentum, one-cycle learning rate, flips and shifts
+of up to 2 pixels) is ``evaluations.fmnist_train``. Deterministic for a given ``--seed`` and
+thread count.
 """
 
 from __future__ import annotations
@@ -22,55 +23,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluations.fmnist_net import FEATURE_DIM, SPATIAL_DIM, FMNISTNet  # noqa: E402
+from evaluations.fmnist_net import FEATURE_DIM, SPATIAL_DIM  # noqa: E402
+from evaluations.fmnist_train import load_npz, train_fmnist_net  # noqa: E402
 from guided_diffusion.cli import UserError, cli  # noqa: E402
 from guided_diffusion.flags import make_parser  # noqa: E402
-
-
-def load_npz(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, 3, 32, 32], labels int64 [N])`` from a dataset npz."""
-    with np.load(path, allow_pickle=False) as z:
-        images, labels = z["arr_0"], z["arr_1"]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise SystemExit(f"error: {path}: arr_0 must be uint8 [N, 32, 32, 3], got {images.shape}")
-    if labels.shape != (len(images),):
-        raise SystemExit(f"error: {path}: arr_1 must hold one label per image")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random horizontal flip and a random shift of up to ``max_shift`` pixels per image
-    (zero fill), on a uint8 batch [N, C, H, W]."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None]  # (N, 1, H, 1)
-    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :]  # (N, 1, 1, W)
-    batch = torch.arange(n)[:, None, None, None]
-    chans = torch.arange(x.shape[1])[None, :, None, None]
-    return padded[batch, chans, rows, cols]
-
-
-@torch.no_grad()
-def evaluate(model: FMNISTNet, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on uint8 images [N, 3, 32, 32]."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), 1000):
-        logits = model.classify(images[start : start + 1000].float())
-        correct += int((logits.argmax(1) == labels[start : start + 1000]).sum())
-    return correct / len(images)
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -99,41 +60,19 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(args.seed)
 
-    train_x, train_y = load_npz(args.train_npz)
+    train = load_npz(args.train_npz)
     test_x, test_y = load_npz(args.test_npz)
-    model = FMNISTNet()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
-    )
-    steps_per_epoch = len(train_x) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.25
-    )
     t0 = time.time()
-    history = []
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=gen)
-        total_loss = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            x = augment(train_x[idx], gen).float()
-            loss = F.cross_entropy(model.classify(x), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item()
-        acc = evaluate(model, test_x, test_y)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": total_loss / steps_per_epoch,
-                "test_accuracy": acc,
-                "seconds": round(time.time() - t0, 1),
-            }
-        )
-        print(json.dumps(history[-1]), flush=True)
+    model, history = train_fmnist_net(
+        train,
+        (test_x, test_y),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        gen=gen,
+        on_epoch=lambda record: print(json.dumps(record), flush=True),
+    )
     seconds = time.time() - t0
 
     out = Path(args.out)

@@ -191,3 +191,12 @@ def test_bundled_data_defaults_are_repository_paths(tmp_path, monkeypatch):
     with pytest.raises(cli.UserError, match="datasets/fashion_mnist.py") as e:
         cli._bundled_default("data_dir", "data/missing.npz")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_thin(script):
+    """Entry points stay thin: the work lives in the library (issue 21: 150 lines at most,
+    the demo 300)."""
+    limit = 300 if script == "demo.py" else 150
+    lines = len((ROOT / "scripts" / script).read_text().splitlines())
+    assert lines <= limit, f"scripts/{script} has {lines} lines (limit {limit})"

@@ -207,3 +207,23 @@ def test_bad_weights_file_is_one_line(tmp_path, capsys, net, kind):
     assert err.startswith("error: ") and "\n" not in err, err
     assert BAD_WEIGHTS[kind] in err and str(path) in err
     assert "weights_only" not in err and "pwned" not in captured.out
+
+
+def test_augment_flips_and_shifts_within_bounds():
+    from evaluations.fmnist_train import augment
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    unshifted = augment(x, gen, max_shift=0)
+    for i in range(2):  # no shift: each image is itself or its mirror image
+        assert torch.equal(unshifted[i], x[i]) or torch.equal(unshifted[i], x[i].flip(2))
+    shifted = augment(x, torch.Generator().manual_seed(1), max_shift=2)
+    assert shifted.shape == x.shape and shifted.dtype == x.dtype
+    for i in range(2):  # a window of the zero-padded (maybe mirrored) image
+        found = False
+        for img in (x[i], x[i].flip(2)):
+            padded = torch.nn.functional.pad(img, (2, 2, 2, 2))
+            for dy in range(5):
+                for dx in range(5):
+                    found |= torch.equal(shifted[i], padded[:, dy : dy + 8, dx : dx + 8])
+        assert found
