@@ -57,6 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the `evaluations` package
 from evaluations import EvaluatorError  # noqa: E402
 from evaluations.inception import load_inception  # noqa: E402
 from guided_diffusion import io_util  # noqa: E402
+from guided_diffusion.seeding import resample_counts  # noqa: E402
 
 FEATURE_NETS = ("inception", "fmnist")
 DEFAULT_FMNIST_PATH = Path(__file__).resolve().parents[1] / "models" / "fmnist_classifier.pt"
@@ -194,6 +195,38 @@ class FixedReferenceFID:
         return np.sum(diff * diff, -1) + trace_sigma + self.trace - 2 * tr_sqrt
 
 
+def bootstrap_fids(
+    ref: FIDStatistics, acts: Sequence[np.ndarray], counts: np.ndarray
+) -> np.ndarray:
+    """FID against ``ref`` of every activation set [N, D] of ``acts`` under every bootstrap
+    resample of ``counts`` (``resample_counts``); row i of every set must come from the
+    same seed, and one resample draws the same rows of every set (paired).
+
+    :return: (num_boot, len(acts)).
+    """
+    fid = FixedReferenceFID(ref)
+    counts = np.asarray(counts, dtype=np.float64)
+    sets = []
+    for x in acts:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[0] != counts.shape[1]:
+            raise EvaluatorError(f"{x.shape[0]} activation rows for {counts.shape[1]} counts")
+        centred = x - x.mean(0)  # moments of a resample from centred rows: numerically stable
+        sets.append((x.mean(0), centred, centred @ fid.root, np.sum(centred * centred, 1)))
+    n = counts.shape[1]
+    boot = np.empty((len(counts), len(sets)))
+    for r, c in enumerate(counts):
+        for k, (mean, centred, rotated, sq_norms) in enumerate(sets):
+            shift = c @ centred / n  # (D,) resample mean - full mean
+            weighted = rotated * np.sqrt(c)[:, None]  # (N, D)
+            scatter = weighted.T @ weighted  # (D, D) = R (sum_i c_i x_i x_i^T) R
+            r_shift = shift @ fid.root
+            rsr = (scatter - n * np.outer(r_shift, r_shift)) / (n - 1)  # R S* R
+            trace = (c @ sq_norms - n * shift @ shift) / (n - 1)  # tr(S*)
+            boot[r, k] = fid.from_rotated(mean + shift, trace, rsr)
+    return boot
+
+
 def paired_bootstrap_fid(
     ref: FIDStatistics,
     acts_a: np.ndarray,
@@ -241,23 +274,7 @@ def paired_bootstrap_fid(
         FIDStatistics(np.mean(x, axis=0), np.cov(x, rowvar=False)).frechet_distance(ref)
         for x in (np.asarray(acts_a), np.asarray(acts_b))
     ]
-    fid = FixedReferenceFID(ref)
-    sets = []
-    for x in (a, b):
-        centred = x - x.mean(0)  # moments of a resample from centred rows: numerically stable
-        sets.append((x.mean(0), centred, centred @ fid.root, np.sum(centred * centred, 1)))
-    rng = np.random.default_rng(seed)
-    boot = np.empty((2, num_boot))
-    for r in range(num_boot):
-        counts = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
-        for k, (mean, centred, rotated, sq_norms) in enumerate(sets):
-            shift = counts @ centred / n  # (D,) resample mean - full mean
-            weighted = rotated * np.sqrt(counts)[:, None]  # (N, D)
-            scatter = weighted.T @ weighted  # (D, D) = R (sum_i c_i x_i x_i^T) R
-            r_shift = shift @ fid.root
-            rsr = (scatter - n * np.outer(r_shift, r_shift)) / (n - 1)  # R S* R
-            trace = (counts @ sq_norms - n * shift @ shift) / (n - 1)  # tr(S*)
-            boot[k, r] = fid.from_rotated(mean + shift, trace, rsr)
+    boot = bootstrap_fids(ref, [a, b], resample_counts(n, num_boot, seed)).T  # (2, num_boot)
     diffs = boot[0] - boot[1]
     q = [(1 - level) / 2, (1 + level) / 2]
     return {

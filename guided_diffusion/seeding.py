@@ -52,3 +52,15 @@ def step_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
 def make_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with ``seed``."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def resample_counts(n: int, num_boot: int, seed: int = 0) -> np.ndarray:
+    """(num_boot, n) bootstrap counts as float64: row r says how often each of n rows is
+    drawn by n draws with replacement (``numpy.random.default_rng(seed)``, one
+    ``integers`` call per row). One draw applied to several sets of rows from the same seeds
+    gives paired resamples."""
+    rng = np.random.default_rng(seed)
+    counts = np.empty((num_boot, n))
+    for r in range(num_boot):
+        counts[r] = np.bincount(rng.integers(0, n, size=n), minlength=n)
+    return counts
