@@ -341,3 +341,167 @@ def noise_curves(
         run: {q: {k: np.asarray(v).tolist() for k, v in d.items()} for q, d in qs.items()}
         for run, qs in out.items()
     }
+
+
+# ----------------------------------------------------------------------------- one setting
+
+
+def schedule_abar(diffusion: Any) -> np.ndarray:
+    """The original (unrespaced) schedule's alphas_cumprod of a (spaced) diffusion, against
+    which effective timesteps are read."""
+    abar = getattr(diffusion, "original_alphas_cumprod", diffusion.alphas_cumprod)
+    return np.asarray(abar, dtype=np.float64)
+
+
+def study_setting(
+    folder: Path,
+    model: Callable[..., torch.Tensor],
+    diffusion: Any,
+    grid: Sequence[float],
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    shape: Sequence[int],
+    device: torch.device,
+    num_classes: Optional[int],
+    train_x0: torch.Tensor,
+    train_kwargs: dict,
+    data_rows: np.ndarray,
+    score: Callable[[np.ndarray], Any],
+    ref_stats: Any,
+    num_boot: int = 500,
+    level: float = 0.95,
+    clip_denoised: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Dict[str, Any]:
+    """Everything the study reports for one setting (a model and a step count): a resumable
+    ``run_pass`` at every lambda of ``grid`` (in ``folder/lambda_*``), the training eps
+    norms on ``train_x0``, ``analyse`` and ``noise_curves``.
+
+    :param score: images (N, H, W, 3) uint8 -> an object with ``pool`` activations and
+        ``fid``, ``precision``, ``recall`` (``Evaluator.score`` against the reference).
+    :param ref_stats: the reference's ``FIDStatistics`` (what ``score`` compares to).
+    """
+    grid = sorted({float(v) for v in grid})
+    abar_full = schedule_abar(diffusion)
+    passes, acts, scores = {}, {}, {}
+    for lam in grid:
+        passes[lam] = run_pass(
+            folder / f"lambda_{lam:g}",
+            model,
+            diffusion.with_eps_scaler(lam),
+            num_samples=num_samples,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            shape=shape,
+            device=device,
+            num_classes=num_classes,
+            clip_denoised=clip_denoised,
+        )
+        s = score(passes[lam]["images"])
+        acts[lam] = s.pool
+        scores[f"{lam:g}"] = {k: float(getattr(s, k)) for k in ("fid", "precision", "recall")}
+    train_rows = train_curve(folder, model, diffusion, train_x0, train_kwargs, seed + 1)
+    analysis = analyse(
+        grid,
+        passes,
+        acts,
+        ref_stats,
+        train_rows,
+        data_rows,
+        diffusion.alphas_cumprod,
+        abar_full,
+        num_boot=num_boot,
+        seed=seed,
+        level=level,
+    )
+    noise = noise_curves(
+        grid,
+        passes,
+        data_rows,
+        diffusion.alphas_cumprod,
+        abar_full,
+        num_boot=num_boot,
+        seed=seed,
+        level=level,
+    )
+    timesteps = np.asarray(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
+    return {
+        **analysis,
+        "scores": scores,
+        "timesteps": [int(t) for t in timesteps],
+        "train_eps_norm": train_rows.mean(0).tolist(),
+        "sample_eps_norm": {
+            f"{lam:g}": (passes[lam]["eps_norm"].mean(0) / lam).tolist() for lam in grid
+        },
+        "noise": noise,
+    }
+
+
+def parse_setting(spec: str, num_samples: int, grid: str) -> Dict[str, Any]:
+    """``LABEL:MODEL:STEPS[:N[:GRID]]`` (MODEL ``bundled`` or a checkpoint path of the bundled
+    architecture; GRID comma-separated lambdas, 1 added) -> a dict; ValueError names the
+    problem."""
+    parts = spec.split(":", 4)
+    if len(parts) < 3 or not parts[0] or not parts[1]:
+        raise ValueError(
+            f"invalid --settings entry {spec!r}: expected LABEL:MODEL:STEPS[:N[:GRID]], "
+            "e.g. bundled_20:bundled:20:400:0.96,0.98,1,1.02"
+        )
+    label, model, steps = parts[:3]
+    try:
+        lambdas = sorted(
+            {1.0, *(float(v) for v in (parts[4] if len(parts) > 4 else grid).split(","))}
+        )
+        out = dict(label=label, model=model, steps=int(steps), lambdas=lambdas)
+        out["num_samples"] = int(parts[3]) if len(parts) > 3 and parts[3] else num_samples
+    except ValueError:
+        raise ValueError(
+            f"invalid --settings entry {spec!r}: STEPS and N are integers, GRID floats"
+        ) from None
+    if out["steps"] < 2 or out["num_samples"] < 8 or min(lambdas) <= 0:
+        raise ValueError(f"invalid --settings entry {spec!r}: need STEPS >= 2, N >= 8, lambdas > 0")
+    if not all(c.isalnum() or c in "_-." for c in label):
+        raise ValueError(f"invalid --settings entry label {label!r}: use letters, digits, _ - .")
+    return out
+
+
+def _ci(v: float, interval: Sequence[float], fmt: str = "{:.3f}") -> str:
+    lo, hi = interval
+    return f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def format_tables(results: Dict[str, Dict[str, Any]]) -> str:
+    """Markdown tables of the study's results (``results.json``): per setting FID(1), the
+    FID-optimal lambda, the eps-norm gap and each objective's lambda (95% intervals; * =
+    inside the FID-optimal interval), then FID(lambda) - FID(1) per grid point."""
+    names = list(OBJECTIVES)
+    head = "| setting | N | FID(1) | best lambda | eps gap at 1 (%) | " + " | ".join(
+        f"lambda[{n}]" for n in names
+    )
+    lines = [head + " |", "|" + "---|" * (5 + len(names))]
+    for label, r in results.items():
+        gap = r["eps_gap_at_1"]
+        cells = [
+            label,
+            str(r["num_samples"]),
+            f"{r['fid'][r['grid'].index(1.0)]:.2f}",
+            _ci(r["best_lambda"]["lambda"], r["best_lambda"]["interval"]),
+            _ci(100 * gap["value"], [100 * v for v in gap["interval"]], "{:+.2f}"),
+        ]
+        for n in names:
+            o = r["objectives"][n]
+            mark = " *" if o["within_best_interval"] else ""
+            cells.append(_ci(o["lambda"], o["interval"]) + mark)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| setting | lambda: FID(lambda) - FID(1) [95% paired interval] |", "|---|---|"]
+    for label, r in results.items():
+        cells = [
+            f"{lam:g}: {_ci(d, ci, '{:+.2f}')}"
+            for lam, d, ci in zip(r["grid"], r["fid_diff_vs_1"], r["fid_diff_interval"])
+            if lam != 1.0
+        ]
+        lines.append(f"| {label} | " + "; ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -272,6 +272,15 @@ FLAGS: Dict[str, Flag] = {
     "eb_samples": _f(128, "training images for delta_t and the eps-norm curves", low=2),
     "num_boot": _f(500, "bootstrap resamples of each FID interval", low=10),
     "threads": _f(0, "torch CPU threads (0 = all cores)", **NON_NEGATIVE),
+    # ------------------------------------------------------------------ exposure study
+    "settings": _f(
+        "bundled_10:bundled:10",
+        "space-separated settings LABEL:MODEL:STEPS[:N[:GRID]] (MODEL: bundled or a checkpoint "
+        "of the bundled architecture; N: samples, default --num_samples; GRID: lambdas, "
+        "default --lambdas)",
+    ),
+    "train_samples": _f(256, "training images of the training eps-norm curve", low=2),
+    "data_samples": _f(2000, "training images of the data moments (noise level)", low=2),
     # ------------------------------------------------------------------ sampler comparison
     "steps_list": _f("10,20,50", "comma-separated sampling step counts"),
     "methods": _f(

@@ -270,3 +270,111 @@ def side_by_side(
         canvas.paste(im, (x, top))
         x += im.width + gap
     save_png(np.asarray(canvas), out)
+
+
+OBJECTIVE_STYLE = {
+    "norm": ("C3", "v"),
+    "noise": ("C2", "^"),
+    "step1": ("C4", "D"),
+    "highfreq": ("C1", "s"),
+}
+
+
+def plot_study_setting(path: PathLike, result: Mapping[str, Any], title: str) -> Figure:
+    """One setting of the exposure study (``exposure_study.study_setting``): left, FID(lambda)
+    - FID(1) with paired intervals, the FID-optimal lambda and its interval (shaded) and the
+    lambda each calibration objective picks; right, the effective noise level of the
+    sampler's inputs over the nominal one (sigma_eff / sigma_nominal) at every lambda."""
+    fig = Figure(figsize=(12, 4.4))
+    ax, bx = fig.subplots(1, 2)
+    grid = np.asarray(result["grid"], dtype=np.float64)
+    diff = np.asarray(result["fid_diff_vs_1"], dtype=np.float64)
+    ci = np.asarray(result["fid_diff_interval"], dtype=np.float64).reshape(-1, 2)
+    ax.plot(grid, diff, "o-", color="C0", label="FID(lambda) - FID(1)")
+    ax.vlines(grid, ci[:, 0], ci[:, 1], color="0.3", lw=1.5)
+    ax.axhline(0, color="gray", ls=":", lw=1)
+    best = result["best_lambda"]
+    lo, hi = best["interval"]
+    if np.isfinite([lo, hi]).all():
+        ax.axvspan(lo, hi, color="C0", alpha=0.12, label="FID-optimal lambda, 95% interval")
+    ax.axvline(best["lambda"], color="C0", ls="--", lw=1, label=f"best lambda {best['lambda']:.4f}")
+    for name, r in result["objectives"].items():
+        color, marker = OBJECTIVE_STYLE.get(name, ("k", "x"))
+        if np.isfinite(r["lambda"]):
+            ax.plot(
+                [r["lambda"]], [0], marker, color=color, ms=8, label=f"{name}: {r['lambda']:.4f}"
+            )
+    ax.set_xlabel("eps scaler lambda (uniform)")
+    ax.set_ylabel("FID difference to lambda = 1 (feature-net FID)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    t = np.asarray(result["timesteps"])
+    for j, (name, curves) in enumerate(result["noise"].items()):
+        q = curves["sigma_ratio"]
+        v, lo_, hi_ = (np.asarray(q[k], dtype=np.float64) for k in ("value", "low", "high"))
+        keep = np.isfinite(v) & (t > 0)
+        bx.plot(t[keep], v[keep], "o-", color=f"C{j}", ms=3, label=f"lambda {name}")
+        bx.fill_between(t[keep], lo_[keep], hi_[keep], color=f"C{j}", alpha=0.15)
+    bx.axhline(1, color="gray", ls=":", lw=1)
+    bx.invert_xaxis()
+    bx.set_xlabel("timestep t of the step's input (sampling runs left to right)")
+    bx.set_ylabel("sigma_eff / sigma_nominal of the input")
+    bx.set_title("effective noise level of the sampler's inputs (1 = as q(x_t|x_0))", fontsize=10)
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_study_summary(path: PathLike, results: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Every setting of the study on one axis: the FID-optimal lambda with its interval and
+    the lambda each calibration objective picks (with its interval)."""
+    labels = list(results)
+    fig = Figure(figsize=(7.5, 0.55 * len(labels) + 1.8))
+    ax = fig.subplots()
+    y = np.arange(len(labels))[::-1].astype(np.float64)
+    for yi, label in zip(y, labels):
+        r = results[label]
+        b = r["best_lambda"]
+        ax.errorbar(
+            [b["lambda"]],
+            [yi],
+            xerr=[[b["lambda"] - b["interval"][0]], [b["interval"][1] - b["lambda"]]],
+            fmt="o",
+            color="C0",
+            capsize=4,
+            label="FID-optimal lambda (95%)" if yi == y[0] else None,
+        )
+        for k, (name, o) in enumerate(r["objectives"].items()):
+            color, marker = OBJECTIVE_STYLE.get(name, ("k", "x"))
+            if not np.isfinite(o["lambda"]):
+                continue
+            off = yi - 0.12 * (k + 1)
+            lo, hi = o["interval"]
+            err = (
+                [[max(o["lambda"] - lo, 0)], [max(hi - o["lambda"], 0)]]
+                if np.isfinite([lo, hi]).all()
+                else None
+            )
+            ax.errorbar(
+                [o["lambda"]],
+                [off],
+                xerr=err,
+                fmt=marker,
+                color=color,
+                ms=5,
+                lw=1,
+                label=name if yi == y[0] else None,
+            )
+    ax.axvline(1, color="gray", ls="--", lw=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("eps scaler lambda")
+    ax.set_title("FID-optimal lambda and the lambda each calibration objective picks", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

@@ -200,3 +200,16 @@ def test_scripts_are_thin(script):
     limit = 300 if script == "demo.py" else 150
     lines = len((ROOT / "scripts" / script).read_text().splitlines())
     assert lines <= limit, f"scripts/{script} has {lines} lines (limit {limit})"
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--settings", "b10:bundled"], "expected LABEL:MODEL:STEPS"),
+        (["--settings", "a:bundled:10 a:bundled:20"], "distinct labels"),
+        (["--settings", "a:bundled:10", "--data_dir", "nowhere.npz"], "datasets/fashion_mnist.py"),
+    ],
+)
+def test_exposure_study_bad_input_is_one_line(args, match, tmp_path):
+    proc = run("exposure_study.py", [*args, "--out_dir", tmp_path / "o"], timeout=120)
+    assert match in one_error_line(proc)

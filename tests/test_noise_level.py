@@ -2,6 +2,9 @@
 (``exposure_study``) on Gaussian data, where every moment and the exact eps predictor are
 in closed form, so the true noise level of any input is known."""
 
+import json
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -285,3 +288,141 @@ def test_analyse_finds_the_planted_optima():
     assert out["fid_diff_vs_1"][j1] == 0 and out["fid_diff_interval"][0][1] > 0
     with pytest.raises(ValueError, match="must contain 1.0"):
         es.analyse([0.98, 1.02], passes, acts, ref, train, np.ones((2, 2)), abar, full)
+
+
+def _feature_score(ref_images: np.ndarray):
+    """A stand-in feature net: 16 block means of the grey image; returns (score, ref)."""
+    from evaluations.evaluator import FIDStatistics
+
+    def feats(img):
+        return img[..., 0].reshape(len(img), 4, 2, 4, 2).mean((2, 4)).reshape(len(img), -1) / 255
+
+    f = feats(ref_images)
+    ref = FIDStatistics(f.mean(0), np.cov(f, rowvar=False))
+
+    def score(img):
+        g = feats(img)
+        fid = FIDStatistics(g.mean(0), np.cov(g, rowvar=False)).frechet_distance(ref)
+        return types.SimpleNamespace(pool=g, fid=fid, precision=0.5, recall=0.5)
+
+    return score, ref, feats
+
+
+def test_study_setting_on_gaussian_data_reads_the_closed_form_noise_level(tmp_path):
+    """``study_setting`` end to end with the exact eps model: its noise curve at lambda = 1
+    is the closed-form one, its objective values are ``objective`` of its own mean rows,
+    FIDs are those of the stand-in features, and a rerun samples nothing."""
+    from evaluations.evaluator import FIDStatistics
+
+    data = GaussianData()
+    full = np.cumprod(1 - get_named_beta_schedule("cosine", 1000))
+    diff = create_gaussian_diffusion(
+        steps=1000,
+        learn_sigma=False,
+        sigma_small=True,
+        noise_schedule="cosine",
+        timestep_respacing="20",
+    )
+    x0 = data.sample(400, 1).float()
+    to_img = lambda x: ((x.clamp(-1, 1)[:, 0] + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    score, ref, feats = _feature_score(to_img(x0).numpy()[..., None].repeat(3, -1))
+    calls = []
+    exact = data.eps_model(full)
+
+    def model(x, t, **kw):
+        calls.append(len(x))
+        return exact(x, t)
+
+    kw = dict(
+        num_samples=500,
+        batch_size=250,
+        seed=0,
+        shape=(1, SIZE, SIZE),
+        device=torch.device("cpu"),
+        num_classes=None,
+        train_x0=x0,
+        train_kwargs={},
+        data_rows=nl.state_stats(x0).numpy(),
+        score=score,
+        ref_stats=ref,
+        num_boot=100,
+        clip_denoised=False,
+    )
+    grid = [0.99, 1.0, 1.01]
+    r = es.study_setting(tmp_path, model, diff, grid, **kw)
+    assert r["grid"] == grid and r["timesteps"] == [int(t) for t in diff.timestep_map]
+    # the noise curve at lambda = 1 against the closed-form moments of the sampler's inputs
+    want = nl.level_curve(
+        _propagated_moments(data, diff)[None], data.moments(), diff.alphas_cumprod, full
+    )["sigma_ratio"]
+    got = r["noise"]["1"]["sigma_ratio"]
+    mid = slice(1, 15)  # measurable steps: not t = 0, not where the signal is tiny
+    np.testing.assert_allclose(got["value"][mid], want[mid], rtol=0.03)
+    assert np.all(np.array(got["low"])[mid] < np.array(got["high"])[mid])
+    # objectives and FID from the same rows
+    passes = {
+        lam: es.run_pass(
+            tmp_path / f"lambda_{lam:g}",
+            model,
+            diff.with_eps_scaler(lam),
+            num_samples=500,
+            batch_size=250,
+            seed=0,
+            shape=(1, SIZE, SIZE),
+            device=torch.device("cpu"),
+            clip_denoised=False,
+        )
+        for lam in grid
+    }
+    train = np.load(tmp_path / "train_eps_norm.npz")["rows"].mean(0)
+    for j, lam in enumerate(grid):
+        p = passes[lam]
+        args = (
+            p["eps_norm"].mean(0),
+            p["states"].mean(0),
+            p["final"].mean(0),
+            train,
+            nl.DataMoments(*kw["data_rows"].mean(0)),
+            diff.alphas_cumprod,
+            full,
+        )
+        for name in es.OBJECTIVES:
+            v = es.objective(name, lam, *args)
+            assert r["objectives"][name]["values"][j] == pytest.approx(v, rel=1e-9, nan_ok=True)
+        np.testing.assert_allclose(r["sample_eps_norm"][f"{lam:g}"], p["eps_norm"].mean(0) / lam)
+        g = feats(p["images"])
+        fid = FIDStatistics(g.mean(0), np.cov(g, rowvar=False)).frechet_distance(ref)
+        assert r["fid"][j] == pytest.approx(fid) and r["scores"][f"{lam:g}"][
+            "fid"
+        ] == pytest.approx(fid)
+    # resumed: no model call, the same numbers
+    calls.clear()
+    again = es.study_setting(tmp_path, model, diff, grid, **kw)
+    assert calls == [] and json.dumps(again, sort_keys=True) == json.dumps(r, sort_keys=True)
+    # the report's table and figures
+    table = es.format_tables({"gauss": r})
+    assert "| gauss | 500 |" in table and "0.99: " in table
+    from guided_diffusion.plots import plot_study_setting, plot_study_summary
+
+    plot_study_setting(tmp_path / "s.png", r, "gauss")
+    plot_study_summary(tmp_path / "sum.png", {"gauss": r, "again": again})
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "sum.png").stat().st_size > 1000
+
+
+def test_parse_setting():
+    s = es.parse_setting("b20:bundled:20", 400, "0.98,1.02")
+    assert s == dict(
+        label="b20", model="bundled", steps=20, lambdas=[0.98, 1.0, 1.02], num_samples=400
+    )
+    s = es.parse_setting("x:runs/a/ema_0.998_001000.pt:10:300:0.9,0.95", 400, "0.98")
+    assert s["model"] == "runs/a/ema_0.998_001000.pt" and s["num_samples"] == 300
+    assert s["lambdas"] == [0.9, 0.95, 1.0]
+    for bad, match in [
+        ("b20:bundled", "LABEL:MODEL:STEPS"),
+        ("b:bundled:ten", "integers"),
+        ("b:bundled:1", "STEPS >= 2"),
+        ("a/b:bundled:10", "label"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            es.parse_setting(bad, 400, "1")
