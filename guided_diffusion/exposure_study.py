@@ -43,7 +43,7 @@ OBJECTIVES = {
     "norm": "sampling eps-norm ||eps/lambda|| on the training curve, mean over steps i >= 1 "
     "(the current calibrate_eps_scaler.py objective, here on the grid)",
     "noise": "effective noise level of the sampler's inputs on the nominal one: mean over "
-    "steps i <= K-2 of log(sigma_eff / sigma_nominal) = 0",
+    "steps 1 <= i <= K-2 of log(sigma_eff / sigma_nominal) = 0 (least squares if never 0)",
     "step1": "effective noise level of the first sampled state (the input of step K-2) on "
     "the nominal one",
     "highfreq": "Laplacian energy of the output x̂_0 on the data's (h(x̂_0) / h_0 = 1)",
@@ -179,11 +179,14 @@ def objective(
         return float(np.mean(gap[1:])) if K > 1 else float(gap[0])
     if name in ("noise", "step1"):
         ratio = nl.level_curve(states_mean[None], data, alphas_cumprod, schedule_abar)
-        log_r = np.log(ratio["sigma_ratio"][: K - 1])  # the inputs of steps K-2 .. 0
+        log_r = np.log(ratio["sigma_ratio"])  # by step index i: the input of step i
         if name == "step1":
-            return float(log_r[K - 2]) if K > 1 else math.nan
-        finite = log_r[np.isfinite(log_r)]
-        return float(finite.mean()) if finite.size else math.nan
+            return float(log_r[K - 2]) if K > 2 else math.nan
+        # the inputs of steps K-2 .. 1: not x_T (nominal by construction) and not the last
+        # step's, at t_0 = 0, whose noise is below what two moments resolve; the same steps
+        # at every lambda (NaN if one is not measurable)
+        inner = log_r[1 : K - 1]
+        return float(inner.mean()) if inner.size else math.nan
     if name == "highfreq":
         return float(final_mean[1] / data.h0 - 1)
     raise ValueError(f"unknown objective {name!r}: choose among {', '.join(OBJECTIVES)}")
@@ -200,6 +203,18 @@ def best_lambda(grid: np.ndarray, fid: np.ndarray) -> float:
     if a <= 0:
         return float(grid[j])
     return float(np.clip(-b / (2 * a), x[0], x[2]))
+
+
+def closest_match(grid: Sequence[float], values: Sequence[float]) -> float:
+    """The lambda where an objective is met as closely as the grid allows: its root where
+    it changes sign, else the parabolic vertex of |value| around its smallest |value| (the
+    least-squares match when no lambda meets it exactly); NaN values are skipped."""
+    g, v = np.asarray(grid, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    if not ok.any():
+        return math.nan
+    root = nl.fractional_root(g[ok], v[ok]) if ok.sum() > 1 else math.nan
+    return float(root) if np.isfinite(root) else best_lambda(g[ok], np.abs(v[ok]))
 
 
 def _interval(values: np.ndarray, level: float) -> List[float]:
@@ -286,17 +301,21 @@ def analyse(
     for k in OBJECTIVES:
         value = nl.fractional_root(grid, point["objectives"][k])
         samples = [nl.fractional_root(grid, b["objectives"][k]) for b in boot]
+        matches = [closest_match(grid, b["objectives"][k]) for b in boot]
         roots[k] = {
             "lambda": value,
             "interval": _interval(samples, level),
             "no_root_share": float(np.mean(np.isnan(samples))),
+            "match": closest_match(grid, point["objectives"][k]),
+            "match_interval": _interval(matches, level),
             "values": [float(v) for v in point["objectives"][k]],
         }
     best_boot = np.array([best_lambda(grid, f) for f in fid_boot])
     best = {"lambda": best_lambda(grid, fid_point), "interval": _interval(best_boot, level)}
+    lo, hi = best["interval"]
     for r in roots.values():
-        lo, hi = best["interval"]
         r["within_best_interval"] = bool(np.isfinite(r["lambda"]) and lo <= r["lambda"] <= hi)
+        r["match_within_best_interval"] = bool(lo <= r["match"] <= hi)
     diffs = fid_boot - fid_boot[:, [j1]]
     gap_boot = np.array([b["gap"][j1] for b in boot])
     return {
@@ -496,6 +515,17 @@ def format_tables(results: Dict[str, Dict[str, Any]]) -> str:
             mark = " *" if o["within_best_interval"] else ""
             cells.append(_ci(o["lambda"], o["interval"]) + mark)
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| setting | best lambda | " + " | ".join(f"match[{n}]" for n in names) + " |"]
+    lines.append("|" + "---|" * (2 + len(names)))
+    for label, r in results.items():
+        cells = [label, _ci(r["best_lambda"]["lambda"], r["best_lambda"]["interval"])]
+        for n in names:
+            o = r["objectives"][n]
+            mark = " *" if o.get("match_within_best_interval") else ""
+            cells.append(
+                _ci(o.get("match", math.nan), o.get("match_interval", [math.nan] * 2)) + mark
+            )
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| setting | lambda: FID(lambda) - FID(1) [95% paired interval] |", "|---|---|"]
     for label, r in results.items():
         cells = [
@@ -504,4 +534,30 @@ def format_tables(results: Dict[str, Dict[str, Any]]) -> str:
             if lam != 1.0
         ]
         lines.append(f"| {label} | " + "; ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + format_noise_table(results)
+
+
+NOISE_TIMES = (100, 300, 500, 700, 900)
+
+
+def format_noise_table(
+    results: Dict[str, Dict[str, Any]], times: Sequence[int] = NOISE_TIMES
+) -> str:
+    """sigma_eff / sigma_nominal of the sampler's input at the steps nearest ``times`` for
+    every lambda of every setting (95% intervals), and its paired difference to lambda = 1."""
+    head = "| setting | lambda | " + " | ".join(f"t~{t}" for t in times) + " |"
+    lines = [head, "|" + "---|" * (2 + len(times))]
+    for label, r in results.items():
+        ts = np.asarray(r["timesteps"])
+        cols = [int(np.argmin(np.abs(ts - t))) for t in times]
+        for lam, q in r["noise"].items():
+            v = q["sigma_ratio"]
+            cells = [label, lam]
+            for i in cols:
+                txt = _ci(v["value"][i], [v["low"][i], v["high"][i]]) + f" (t={ts[i]})"
+                if lam != "1" and "diff_1" in q:
+                    d = q["diff_1"]
+                    txt += "; diff " + _ci(d["value"][i], [d["low"][i], d["high"][i]], "{:+.3f}")
+                cells.append(txt)
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

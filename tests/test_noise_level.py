@@ -235,6 +235,11 @@ def test_fractional_root_and_best_lambda():
     assert np.isnan(nl.fractional_root(grid, grid + 1))
     assert es.best_lambda(grid, (grid - 0.985) ** 2 + 3) == pytest.approx(0.985)
     assert es.best_lambda(grid, grid) == 0.96  # minimum at the edge: the edge
+    # closest match: the root where there is one, else the vertex of |value|
+    assert es.closest_match(grid, 2 * (grid - 0.991)) == pytest.approx(0.991)
+    assert es.closest_match(grid, (grid - 0.985) ** 2 + 0.1) == pytest.approx(0.985)
+    assert es.closest_match(grid, [np.nan, 0.3, -0.1, np.nan]) == pytest.approx(0.995)
+    assert np.isnan(es.closest_match(grid, [np.nan] * 4))
     with pytest.raises(ValueError, match="increase"):
         nl.fractional_root(grid[::-1], grid)
 
