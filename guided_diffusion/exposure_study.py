@@ -43,7 +43,8 @@ OBJECTIVES = {
     "norm": "sampling eps-norm ||eps/lambda|| on the training curve, mean over steps i >= 1 "
     "(the current calibrate_eps_scaler.py objective, here on the grid)",
     "noise": "effective noise level of the sampler's inputs on the nominal one: mean over "
-    "steps 1 <= i <= K-2 of log(sigma_eff / sigma_nominal) = 0 (least squares if never 0)",
+    "steps 1 <= i <= K-2 with nominal sigma in [0.1, 10] of log(sigma_eff / sigma_nominal) = 0 "
+    "(least squares if never 0)",
     "step1": "effective noise level of the first sampled state (the input of step K-2) on "
     "the nominal one",
     "highfreq": "Laplacian energy of the output x̂_0 on the data's (h(x̂_0) / h_0 = 1)",
@@ -159,6 +160,20 @@ def train_curve(
 # ----------------------------------------------------------------------------- analysis
 
 
+SIGMA_RANGE = (0.1, 10.0)
+
+
+def noise_steps(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """The step indices whose input the ``noise`` objective averages over: 1 <= i <= K-2
+    (not x_T, nominal by construction) with a nominal sigma in ``SIGMA_RANGE``, where both
+    the signal and the noise are large enough for two moments to resolve (the same steps at
+    every lambda; an unresolvable one among them makes the objective NaN)."""
+    sig = nl.nominal_sigma(alphas_cumprod)
+    i = np.arange(len(sig))
+    keep = (i >= 1) & (i <= len(sig) - 2) & (sig >= SIGMA_RANGE[0]) & (sig <= SIGMA_RANGE[1])
+    return np.flatnonzero(keep)
+
+
 def objective(
     name: str,
     lam: float,
@@ -182,10 +197,7 @@ def objective(
         log_r = np.log(ratio["sigma_ratio"])  # by step index i: the input of step i
         if name == "step1":
             return float(log_r[K - 2]) if K > 2 else math.nan
-        # the inputs of steps K-2 .. 1: not x_T (nominal by construction) and not the last
-        # step's, at t_0 = 0, whose noise is below what two moments resolve; the same steps
-        # at every lambda (NaN if one is not measurable)
-        inner = log_r[1 : K - 1]
+        inner = log_r[noise_steps(alphas_cumprod)]
         return float(inner.mean()) if inner.size else math.nan
     if name == "highfreq":
         return float(final_mean[1] / data.h0 - 1)

@@ -317,6 +317,9 @@ def plot_study_setting(path: PathLike, result: Mapping[str, Any], title: str) ->
         bx.plot(t[keep], v[keep], "o-", color=f"C{j}", ms=3, label=f"lambda {name}")
         bx.fill_between(t[keep], lo_[keep], hi_[keep], color=f"C{j}", alpha=0.15)
     bx.axhline(1, color="gray", ls=":", lw=1)
+    bx.set_yscale("log")
+    lo_y, hi_y = bx.get_ylim()
+    bx.set_ylim(max(lo_y, 0.5), min(hi_y, 3.0))  # the noisiest steps' intervals run far out
     bx.invert_xaxis()
     bx.set_xlabel("timestep t of the step's input (sampling runs left to right)")
     bx.set_ylabel("sigma_eff / sigma_nominal of the input")
